@@ -1,0 +1,75 @@
+# facegrid: `make up` runs the whole system on this machine; `make test` runs the suite.
+# Everything is set up from pinned files on first use: virtual environments,
+# generated gRPC code, the ONNX models built from the installed dlib weights.
+
+PYTHON ?= python3
+VENV := .venv
+TRITON_VENV := .venv-triton
+BIN := $(VENV)/bin
+MODEL_REPO ?= model_repository
+PROTO_FILES := $(wildcard protos/facegrid/v1/*.proto)
+GEN_DIR := services/facegrid/v1
+PYTEST_ARGS ?=
+
+.PHONY: all up test lint protos models venv triton-venv clean buf-lint typecheck format
+
+all: venv protos models
+
+# --- environments -------------------------------------------------------------
+$(BIN)/.installed: pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check pip==25.3
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[dev]'
+	touch $@
+
+# Triton's bundled server pins numpy<2: it gets an environment of its own.
+$(TRITON_VENV)/.installed: requirements/triton.txt
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install --quiet --disable-pip-version-check pip==25.3
+	$(TRITON_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/triton.txt
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+venv: $(BIN)/.installed
+triton-venv: $(TRITON_VENV)/.installed
+
+# --- generated code -----------------------------------------------------------
+$(GEN_DIR)/.generated: $(PROTO_FILES) $(BIN)/.installed
+	rm -rf $(GEN_DIR)
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=services \
+		--grpc_python_out=services --pyi_out=services $(PROTO_FILES)
+	touch $(GEN_DIR)/__init__.py $(GEN_DIR)/py.typed $@
+
+protos: $(GEN_DIR)/.generated
+
+# --- models -------------------------------------------------------------------
+$(MODEL_REPO)/facegrid_models.json: $(BIN)/.installed $(wildcard services/facegrid/models/*.py)
+	$(BIN)/facegrid models build --repo $(MODEL_REPO)
+
+models: $(MODEL_REPO)/facegrid_models.json
+
+# --- run ----------------------------------------------------------------------
+up: venv protos models
+	$(BIN)/facegrid up --set inference.model_repository=$(MODEL_REPO)
+
+# --- checks -------------------------------------------------------------------
+buf-lint: node_modules/.installed
+	npx --no-install buf lint
+
+lint: venv protos buf-lint
+	$(BIN)/ruff check services tests loadtest
+	$(BIN)/ruff format --check services tests loadtest
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff format services tests loadtest
+	$(BIN)/ruff check --fix services tests loadtest
+
+test: venv triton-venv protos models lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(TRITON_VENV) $(GEN_DIR) $(MODEL_REPO) node_modules build .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,99 @@
+"""The ``facegrid`` command: build models, run services, run the whole system."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from facegrid import launcher
+from facegrid.models.repository import TritonBackend
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    return int(handler(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facegrid", description=__doc__)
+    commands = parser.add_subparsers(title="commands")
+
+    models = commands.add_parser("models", help="build the ONNX models and Triton repository")
+    model_commands = models.add_subparsers(title="models commands")
+    build = model_commands.add_parser(
+        "build", help="convert the installed dlib networks to ONNX in a Triton repository"
+    )
+    build.add_argument("--repo", type=Path, required=True, help="model repository to write")
+    build.add_argument(
+        "--backend",
+        choices=[b.value for b in TritonBackend],
+        default=TritonBackend.ONNXRUNTIME.value,
+        help="Triton backend to configure (python: for servers without onnxruntime)",
+    )
+    build.set_defaults(handler=_models_build)
+
+    serve = commands.add_parser("serve", help="run one service in the foreground")
+    serve.add_argument("service", choices=sorted(launcher.SERVICES))
+    _add_overrides(serve)
+    serve.add_argument("--port", type=int, help="port to listen on (0: any free port)")
+    serve.set_defaults(handler=_serve)
+
+    up = commands.add_parser(
+        "up", help="start every service on this machine, wait until healthy, stop on Ctrl-C"
+    )
+    _add_overrides(up)
+    up.set_defaults(handler=_up)
+
+    triton = commands.add_parser(
+        "triton", help="run the tritonserver binary bundled in nvidia-pytriton (for tests, demos)"
+    )
+    triton.add_argument("--repo", type=Path, required=True, help="model repository (python backend)")
+    triton.add_argument("--venv", type=Path, default=Path(".venv-triton"))
+    triton.set_defaults(handler=_triton)
+    return parser
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a setting (repeatable), e.g. --set inference.backend=triton",
+    )
+
+
+def _models_build(args: argparse.Namespace) -> int:
+    from facegrid.models.repository import build_repository
+
+    built = build_repository(args.repo, TritonBackend(args.backend))
+    for model in built:
+        print(f"{model.name:15} {model.model_version:18} sha256:{model.sha256[:16]}  {model.path}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.port is not None:
+        overrides.append(f"{args.service}.port={args.port}")
+    return launcher.serve_one(args.service, overrides)
+
+
+def _up(args: argparse.Namespace) -> int:
+    return launcher.up(list(args.overrides))
+
+
+def _triton(args: argparse.Namespace) -> int:
+    return launcher.run_triton(args.repo, args.venv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

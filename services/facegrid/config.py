@@ -1,0 +1,157 @@
+"""One place for configuration: every setting, its default and its environment variable.
+
+Settings are read from environment variables named ``FACEGRID_<SECTION>__<FIELD>``
+(for example ``FACEGRID_INFERENCE__BACKEND=triton``) and can be overridden on the
+command line with ``--set section.field=value``. The defaults are the embedded,
+one-machine configuration: in-process onnxruntime and local files.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "FACEGRID_"
+ENV_NESTED_DELIMITER = "__"
+
+
+class InferenceBackendKind(StrEnum):
+    LOCAL = "local"
+    TRITON = "triton"
+
+
+class InferenceSettings(BaseModel):
+    backend: InferenceBackendKind = Field(
+        InferenceBackendKind.LOCAL,
+        description="'local' runs the ONNX models in-process with onnxruntime; "
+        "'triton' sends them to a Triton Inference Server over gRPC.",
+    )
+    model_repository: Path = Field(
+        Path("model_repository"),
+        description="Triton-layout model repository written by `facegrid models build`; "
+        "the local backend reads <model>/1/model.onnx from it.",
+    )
+    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint (host:port).")
+    triton_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline of one Triton inference call, in seconds."
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="onnxruntime threads per session for the local backend (0: all cores)."
+    )
+    detector_model: str = Field("face_detector", description="Model name of the face detector.")
+    embedder_model: str = Field("face_embedder", description="Model name of the face embedder.")
+
+
+class ImageLimits(BaseModel):
+    max_bytes: int = Field(
+        15 * 1024 * 1024, gt=0, description="Largest accepted encoded image, in bytes."
+    )
+    max_pixels: int = Field(
+        40_000_000,
+        gt=0,
+        description="Largest accepted decoded image, in pixels (width x height); "
+        "guards against decompression bombs.",
+    )
+    max_side: int = Field(
+        12_000, gt=0, description="Largest accepted image width or height, in pixels."
+    )
+    detect_max_side: int = Field(
+        1600,
+        gt=0,
+        description="Images whose longer side exceeds this are shrunk before detection; "
+        "boxes are reported in the original image's pixels.",
+    )
+
+
+class DetectionSettings(BaseModel):
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port of the detection service.")
+    min_confidence: float = Field(
+        0.0, description="Default minimum detector score (dlib MMOD scale; 0 is dlib's default)."
+    )
+    max_concurrent_rpcs: int = Field(
+        16, gt=0, description="Calls served at once; more get RESOURCE_EXHAUSTED."
+    )
+    workers: int = Field(
+        2, gt=0, description="Threads doing CPU work (decoding, pyramid, landmarks, chips)."
+    )
+
+
+class EmbeddingSettings(BaseModel):
+    port: int = Field(50052, ge=0, le=65535, description="gRPC port of the embedding service.")
+    max_batch: int = Field(
+        32, gt=0, description="Most chips sent to the model in one inference call."
+    )
+    max_batch_delay_ms: float = Field(
+        2.0,
+        ge=0,
+        description="How long the batcher waits for more chips before running a partial batch.",
+    )
+    max_queued_chips: int = Field(
+        1024, gt=0, description="Bound of the batching queue; beyond it calls get RESOURCE_EXHAUSTED."
+    )
+    max_chips_per_request: int = Field(256, gt=0, description="Most chips in one EmbedChips call.")
+    max_concurrent_rpcs: int = Field(
+        64, gt=0, description="Calls served at once; more get RESOURCE_EXHAUSTED."
+    )
+
+
+class ServerSettings(BaseModel):
+    host: str = Field("127.0.0.1", description="Address the gRPC servers bind to.")
+    grace_period_s: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
+    )
+    max_message_bytes: int = Field(
+        32 * 1024 * 1024, gt=0, description="Largest gRPC message accepted or sent."
+    )
+
+
+class Settings(BaseSettings):
+    """All of facegrid's settings. Nested sections map to ``FACEGRID_<SECTION>__<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER, extra="forbid"
+    )
+
+    server: ServerSettings = ServerSettings()
+    inference: InferenceSettings = InferenceSettings()
+    images: ImageLimits = ImageLimits()
+    detection: DetectionSettings = DetectionSettings()
+    embedding: EmbeddingSettings = EmbeddingSettings()
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``["inference.backend=triton", ...]`` into a nested dict for Settings(**...)."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected section.field=value, got {pair!r}")
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def load_settings(overrides: list[str] | None = None) -> Settings:
+    """Settings from the environment, then command-line overrides on top."""
+    base = Settings()
+    if not overrides:
+        return base
+    merged = _deep_merge(base.model_dump(), parse_overrides(overrides))
+    return Settings.model_validate(merged)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,94 @@
+"""gRPC errors with google.rpc details, in one place.
+
+Services raise :class:`ServiceError` (or a subclass) anywhere below the servicer; the
+server interceptor in :mod:`facegrid.server` turns it into a gRPC status whose
+details carry ``google.rpc.BadRequest`` field violations, ``ErrorInfo`` or
+``QuotaFailure``, so clients can tell exactly what was wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+ERROR_DOMAIN = "facegrid.dev"
+
+
+class ServiceError(Exception):
+    """An error that maps to one gRPC status code with rich details."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        details: Iterable[Message] = (),
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = list(details)
+
+    def to_status(self) -> status_pb2.Status:
+        packed = []
+        for detail in self.details:
+            holder = any_pb2.Any()
+            holder.Pack(detail)
+            packed.append(holder)
+        return status_pb2.Status(
+            code=_grpc_to_rpc_code(self.code), message=self.message, details=packed
+        )
+
+
+def invalid_argument(field: str, description: str, reason: str = "") -> ServiceError:
+    """INVALID_ARGUMENT with one BadRequest field violation (and ErrorInfo if a reason)."""
+    return invalid_arguments([(field, description)], reason=reason)
+
+
+def invalid_arguments(violations: Iterable[tuple[str, str]], reason: str = "") -> ServiceError:
+    pairs = list(violations)
+    bad_request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in pairs
+        ]
+    )
+    details: list[Message] = [bad_request]
+    if reason:
+        details.append(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
+    message = "; ".join(f"{f}: {d}" for f, d in pairs)
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, details)
+
+
+def resource_exhausted(subject: str, description: str, reason: str) -> ServiceError:
+    """RESOURCE_EXHAUSTED: a limit (size, queue, concurrency) was reached."""
+    quota = error_details_pb2.QuotaFailure(
+        violations=[error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)]
+    )
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, description, [quota, info])
+
+
+def unavailable(description: str, reason: str, retry_after_ms: int = 0) -> ServiceError:
+    details: list[Message] = [error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)]
+    if retry_after_ms:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMilliseconds(retry_after_ms)
+        details.append(retry)
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, description, details)
+
+
+def deadline_exceeded(description: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, description)
+
+
+def internal(description: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INTERNAL, description)
+
+
+def _grpc_to_rpc_code(code: grpc.StatusCode) -> int:
+    # grpc.StatusCode values are (int, name) tuples; the ints equal google.rpc.Code.
+    value = int(code.value[0])
+    return value if value in code_pb2.Code.values() else code_pb2.UNKNOWN

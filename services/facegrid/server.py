@@ -1,0 +1,212 @@
+"""gRPC server bootstrap shared by every facegrid service.
+
+One function builds an asyncio gRPC server with what every service needs: the
+``grpc.health.v1`` service, server reflection, a bound on concurrent calls (beyond it
+gRPC answers RESOURCE_EXHAUSTED), a default deadline for calls that bring none, rich
+error statuses from :class:`facegrid.errors.ServiceError`, and a graceful stop on
+SIGTERM/SIGINT (health turns NOT_SERVING, in-flight calls get a grace period).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from facegrid.config import ServerSettings
+from facegrid.errors import ServiceError, internal
+
+log = logging.getLogger(__name__)
+
+# A call that arrives without a deadline still gets one, so no call can hold a worker
+# forever.
+DEFAULT_DEADLINE_S = 60.0
+
+
+@dataclass(frozen=True)
+class ServiceRegistration:
+    """One gRPC service to serve: its full name and how to add it to a server."""
+
+    full_name: str
+    add_to_server: Callable[[grpc.aio.Server], None]
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Turns ServiceError into a status with google.rpc details; bounds call time."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _wrap_unary(
+    inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], method: str
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async with asyncio.timeout(_time_budget(context)):
+                return await inner(request, context)
+        except ServiceError as exc:
+            await _abort(context, exc)
+        except TimeoutError:
+            await _abort(context, _deadline_error(method))
+        except Exception as exc:
+            if _is_abort(exc):
+                raise
+            log.exception("unhandled error in %s", method)
+            await _abort(context, internal(f"internal error in {method}"))
+        return None  # unreachable: abort raises
+
+    return call
+
+
+def _wrap_stream(
+    inner: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]], method: str
+) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        # Streams (watchers) may be long-lived: only the caller's deadline applies.
+        try:
+            async for item in inner(request, context):
+                yield item
+        except ServiceError as exc:
+            await _abort(context, exc)
+        except Exception as exc:
+            if _is_abort(exc):
+                raise
+            log.exception("unhandled error in %s", method)
+            await _abort(context, internal(f"internal error in {method}"))
+
+    return call
+
+
+def _time_budget(context: grpc.aio.ServicerContext) -> float:
+    remaining = context.time_remaining()
+    return DEFAULT_DEADLINE_S if remaining is None else max(0.0, remaining)
+
+
+def _deadline_error(method: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method} ran out of time")
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # context.abort() raises a private exception type that must propagate untouched.
+    return type(exc).__name__ == "AbortError"
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
+    await context.abort_with_status(rpc_status.to_status(error.to_status()))
+
+
+class FacegridServer:
+    """A running service: server, health status and graceful shutdown."""
+
+    def __init__(
+        self,
+        name: str,
+        registrations: Sequence[ServiceRegistration],
+        settings: ServerSettings,
+        port: int,
+        max_concurrent_rpcs: int,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.health = health.aio.HealthServicer()
+        self._names = [r.full_name for r in registrations]
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        for registration in registrations:
+            registration.add_to_server(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self._names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = self.server.add_insecure_port(f"{settings.host}:{port}")
+        if self.port == 0:
+            raise RuntimeError(f"{name}: cannot bind {settings.host}:{port}")
+        self._stopped = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self._set_status(health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s listening on %s", self.name, self.address)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking calls (NOT_SERVING), let in-flight calls finish, then stop."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.health.enter_graceful_shutdown()
+        grace = self.settings.grace_period_s if grace_s is None else grace_s
+        await self.server.stop(grace)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+
+    async def _set_status(self, status: int) -> None:
+        for service in ["", *self._names]:
+            await self.health.set(service, status)
+
+
+async def run_until_stopped(server: FacegridServer, on_stop: Callable[[], Awaitable[None]]) -> None:
+    """Start, serve until SIGTERM/SIGINT, stop gracefully, then release resources."""
+    await server.start()
+    server.install_signal_handlers()
+    try:
+        await server.wait()
+    finally:
+        await on_stop()

@@ -1,0 +1,230 @@
+"""Runs the real ``tritonserver`` binary that the ``nvidia-pytriton`` wheel bundles.
+
+Production uses NVIDIA's Triton container. On machines without Docker or a GPU (CI,
+laptops) this starts the same server binary from a virtual environment of its own
+(nvidia-pytriton pins numpy<2, so it cannot share the services' environment), on a
+repository written with ``facegrid models build --backend python``. It binds only
+127.0.0.1, waits for readiness with a timeout, fails fast if the process dies, and on
+stop removes its shared-memory regions.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+SHM_DIR = Path("/dev/shm")
+
+
+class TritonStartError(RuntimeError):
+    """The server exited or did not become ready in time."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Paths inside a virtual environment that has nvidia-pytriton installed."""
+
+    venv: Path
+    package_dir: Path  # .../site-packages/pytriton/tritonserver
+    libs_dir: Path  # .../site-packages/nvidia_pytriton.libs
+    python_libdir: Path  # directory of libpython3.X.so
+    python_version: str  # "3.11"
+
+    @property
+    def server_binary(self) -> Path:
+        return self.package_dir / "bin" / "tritonserver"
+
+    @classmethod
+    def discover(cls, venv: Path) -> TritonInstall:
+        python = venv / "bin" / "python"
+        if not python.exists():
+            raise TritonStartError(f"no python in {venv}: run `make triton-venv` first")
+        probe = subprocess.run(
+            [
+                str(python),
+                "-c",
+                "import sys, sysconfig, pathlib, pytriton; "
+                "print(pathlib.Path(pytriton.__file__).parent); "
+                "print(sysconfig.get_config_var('LIBDIR')); "
+                "print(f'{sys.version_info[0]}.{sys.version_info[1]}')",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        if probe.returncode != 0:
+            raise TritonStartError(f"nvidia-pytriton is not importable in {venv}: {probe.stderr}")
+        package, libdir, version = probe.stdout.split()
+        package_path = Path(package)
+        return cls(
+            venv=venv,
+            package_dir=package_path / "tritonserver",
+            libs_dir=package_path.parent / "nvidia_pytriton.libs",
+            python_libdir=Path(libdir),
+            python_version=version,
+        )
+
+    def prepare_backends(self, target: Path) -> Path:
+        """A backend directory holding the python backend with the matching stub."""
+        python_dir = target / "python"
+        python_dir.mkdir(parents=True, exist_ok=True)
+        source = self.package_dir / "backends" / "python"
+        for name in PYTHON_BACKEND_FILES:
+            shutil.copy2(source / name, python_dir / name)
+        stub = self.package_dir / "python_backend_stubs" / self.python_version
+        shutil.copy2(stub / "triton_python_backend_stub", python_dir / "triton_python_backend_stub")
+        return target
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class TritonServer:
+    """A tritonserver process on 127.0.0.1 and free ports. Use as a context manager."""
+
+    install: TritonInstall
+    model_repository: Path
+    work_dir: Path
+    startup_timeout_s: float = 120.0
+    http_port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    shm_prefix: str = field(default_factory=lambda: f"facegrid_{uuid.uuid4().hex[:12]}_")
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / "tritonserver.log"
+
+    def command(self, backend_dir: Path) -> list[str]:
+        return [
+            str(self.install.server_binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backend_dir}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            "--disable-auto-complete-config",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--http-address=127.0.0.1",
+            f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.grpc_port}",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={self.metrics_port}",
+            "--log-verbose=0",
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        library_path = [str(self.install.libs_dir), str(self.install.python_libdir)]
+        if env.get("LD_LIBRARY_PATH"):
+            library_path.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = ":".join(library_path)
+        # The python backend stub takes its interpreter and packages from PATH's venv.
+        env["PATH"] = f"{self.install.venv / 'bin'}:{env.get('PATH', '')}"
+        env["VIRTUAL_ENV"] = str(self.install.venv)
+        env.pop("PYTHONPATH", None)
+        env.setdefault("FACEGRID_TRITON_ORT_THREADS", "0")
+        return env
+
+    def start(self) -> TritonServer:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        backend_dir = self.install.prepare_backends(self.work_dir / "backends")
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command(backend_dir),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.environment(),
+                start_new_session=True,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        import tritonclient.grpc as triton_grpc
+
+        deadline = time.monotonic() + self.startup_timeout_s
+        client = triton_grpc.InferenceServerClient(self.grpc_url)
+        try:
+            while time.monotonic() < deadline:
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    raise TritonStartError(
+                        f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}"
+                    )
+                try:
+                    if client.is_server_ready(client_timeout=1.0):
+                        return
+                except Exception:  # noqa: BLE001 - not listening yet
+                    pass
+                time.sleep(0.1)
+        finally:
+            client.close()
+        raise TritonStartError(
+            f"tritonserver not ready after {self.startup_timeout_s:.0f}s:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            _signal_group(process, signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(process, signal.SIGKILL)
+                process.wait(timeout=timeout_s)
+        elif process is not None:
+            _signal_group(process, signal.SIGKILL)  # stubs left behind by a crashed server
+        self.remove_shm_regions()
+
+    def remove_shm_regions(self) -> None:
+        for region in SHM_DIR.glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    # The server runs in its own session: signal the group so python-backend stubs go too.
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass

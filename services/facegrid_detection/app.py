@@ -1,0 +1,148 @@
+"""DetectionService: image bytes -> faces (box, confidence, landmarks, quality, chip)."""
+
+from __future__ import annotations
+
+import grpc
+
+from facegrid.config import Settings
+from facegrid.errors import invalid_arguments
+from facegrid.imaging import decode_image
+from facegrid.inference import create_backend
+from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
+from facegrid.v1 import common_pb2, detection_pb2, detection_pb2_grpc
+from facegrid_detection.analysis import Landmark
+from facegrid_detection.pipeline import (
+    DEFAULT_MIN_CONFIDENCE,
+    DetectedFace,
+    DetectionPipeline,
+)
+
+MAX_FACES_LIMIT = 100
+MAX_UPSAMPLE = 2
+
+_LANDMARK_TYPES = {
+    Landmark.LEFT_EYE_OUTER: common_pb2.Landmark.TYPE_LEFT_EYE_OUTER_CORNER,
+    Landmark.LEFT_EYE_INNER: common_pb2.Landmark.TYPE_LEFT_EYE_INNER_CORNER,
+    Landmark.RIGHT_EYE_INNER: common_pb2.Landmark.TYPE_RIGHT_EYE_INNER_CORNER,
+    Landmark.RIGHT_EYE_OUTER: common_pb2.Landmark.TYPE_RIGHT_EYE_OUTER_CORNER,
+    Landmark.NOSE_BASE: common_pb2.Landmark.TYPE_NOSE,
+}
+
+
+class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):
+    def __init__(self, settings: Settings, pipeline: DetectionPipeline) -> None:
+        self._settings = settings
+        self._pipeline = pipeline
+
+    async def DetectFaces(  # noqa: N802 - gRPC method name
+        self,
+        request: detection_pb2.DetectionServiceDetectFacesRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> detection_pb2.DetectionServiceDetectFacesResponse:
+        max_faces, min_confidence, upsample = _validate(request)
+        image = decode_image(request.image, self._settings.images)
+        faces = await self._pipeline.detect(image.pixels, max_faces, min_confidence, upsample)
+        return detection_pb2.DetectionServiceDetectFacesResponse(
+            faces=[
+                face_detail(face, image.width, image.height, request.include_chips)
+                for face in faces
+            ],
+            image_width=image.width,
+            image_height=image.height,
+            orientation=image.orientation,
+            model_version=await self._pipeline.model_version(),
+        )
+
+
+def _validate(request: detection_pb2.DetectionServiceDetectFacesRequest) -> tuple[int, float, int]:
+    violations = []
+    max_faces = request.max_faces or MAX_FACES_LIMIT
+    if not 1 <= max_faces <= MAX_FACES_LIMIT:
+        violations.append(("max_faces", f"must be 1 to {MAX_FACES_LIMIT}, got {max_faces}"))
+    min_confidence = (
+        request.min_confidence if request.HasField("min_confidence") else DEFAULT_MIN_CONFIDENCE
+    )
+    if not 0.0 <= min_confidence <= 100.0:
+        violations.append(("min_confidence", f"must be 0 to 100, got {min_confidence}"))
+    if not 0 <= request.upsample <= MAX_UPSAMPLE:
+        violations.append(("upsample", f"must be 0 to {MAX_UPSAMPLE}, got {request.upsample}"))
+    if violations:
+        raise invalid_arguments(violations)
+    return max_faces, min_confidence, request.upsample
+
+
+def face_detail(
+    face: DetectedFace, width: int, height: int, include_chip: bool
+) -> common_pb2.FaceDetail:
+    left, top, right, bottom = face.box
+    box_width, box_height = right - left + 1, bottom - top + 1
+    analysis = face.analysis
+    quality = analysis.quality
+    landmarks = [
+        _landmark(_LANDMARK_TYPES[mark], x, y, width, height)
+        for mark, (x, y) in zip(Landmark, analysis.landmarks, strict=True)
+    ]
+    left_eye, right_eye = analysis.eye_centres()
+    landmarks.append(_landmark(common_pb2.Landmark.TYPE_LEFT_EYE, *left_eye, width, height))
+    landmarks.append(_landmark(common_pb2.Landmark.TYPE_RIGHT_EYE, *right_eye, width, height))
+    detail = common_pb2.FaceDetail(
+        bounding_box=common_pb2.BoundingBox(
+            left=round(left),
+            top=round(top),
+            width=round(box_width),
+            height=round(box_height),
+            left_ratio=left / width,
+            top_ratio=top / height,
+            width_ratio=box_width / width,
+            height_ratio=box_height / height,
+        ),
+        confidence=face.confidence,
+        detector_score=face.score,
+        landmarks=landmarks,
+        quality=common_pb2.FaceQuality(
+            sharpness=quality.sharpness,
+            brightness=quality.brightness,
+            face_size=round(quality.face_size),
+            inter_eye_distance=quality.inter_eye_distance,
+            yaw=quality.yaw,
+            roll=quality.roll,
+        ),
+    )
+    if include_chip:
+        chip = analysis.chip
+        detail.chip.CopyFrom(
+            common_pb2.Chip(rgb=chip.tobytes(), width=chip.shape[1], height=chip.shape[0])
+        )
+    return detail
+
+
+def _landmark(
+    kind: common_pb2.Landmark.Type.ValueType, x: float, y: float, width: int, height: int
+) -> common_pb2.Landmark:
+    return common_pb2.Landmark(
+        type=kind, x=float(x), y=float(y), x_ratio=float(x) / width, y_ratio=float(y) / height
+    )
+
+
+async def serve(settings: Settings) -> None:
+    backend = create_backend(settings.inference, [settings.inference.detector_model])
+    pipeline = DetectionPipeline(settings, backend)
+    servicer = DetectionServicer(settings, pipeline)
+    server = FacegridServer(
+        "detection",
+        [
+            ServiceRegistration(
+                detection_pb2.DESCRIPTOR.services_by_name["DetectionService"].full_name,
+                lambda s: detection_pb2_grpc.add_DetectionServiceServicer_to_server(servicer, s),
+            )
+        ],
+        settings.server,
+        settings.detection.port,
+        settings.detection.max_concurrent_rpcs,
+    )
+
+    async def on_stop() -> None:
+        await pipeline.close()
+        await backend.close()
+
+    await run_until_stopped(server, on_stop)

@@ -1,0 +1,150 @@
+"""Shared fixtures: built models, a real Triton server, services as real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from facegrid.launcher import wait_healthy
+from facegrid.models.repository import TritonBackend, build_repository
+from facegrid.triton_server import TritonInstall, TritonServer, free_port
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TRITON_VENV = PROJECT_ROOT / ".venv-triton"
+FACES_ENV = "FACEGRID_TEST_FACES"
+
+
+def faces_dir() -> Path | None:
+    """../shared/data/faces beside the project (or $FACEGRID_TEST_FACES), if present."""
+    path = Path(os.environ.get(FACES_ENV, PROJECT_ROOT.parent / "shared" / "data" / "faces"))
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def faces() -> Path:
+    path = faces_dir()
+    if path is None:
+        pytest.skip(f"test photographs not found (../shared/data/faces or ${FACES_ENV})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A python-backend Triton repository; the local backend reads the same ONNX files."""
+    repo = tmp_path_factory.mktemp("model_repository")
+    build_repository(repo, TritonBackend.PYTHON)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """The real tritonserver binary from nvidia-pytriton, on 127.0.0.1 and free ports."""
+    if not (TRITON_VENV / "bin" / "python").exists():
+        pytest.fail(f"{TRITON_VENV} is missing: run `make triton-venv` (make test does)")
+    server = TritonServer(
+        TritonInstall.discover(TRITON_VENV), model_repo, tmp_path_factory.mktemp("triton")
+    )
+    with server:
+        yield server
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    address: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_service(name: str, overrides: list[str], work_dir: Path) -> ServiceProcess:
+    """Run ``facegrid serve NAME`` as its own process and wait until it is healthy."""
+    port = free_port()
+    log_path = work_dir / f"{name}-{port}.log"
+    command = [sys.executable, "-m", "facegrid.cli", "serve", name, "--port", str(port)]
+    for override in overrides:
+        command += ["--set", override]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    service = ServiceProcess(name, f"127.0.0.1:{port}", process, log_path)
+    try:
+        wait_healthy(service.address, 120.0, process)
+    except BaseException:
+        service.stop()
+        raise RuntimeError(f"{name} did not start:\n{service.log()}") from None
+    return service
+
+
+BACKENDS = ["local", "triton"]
+
+
+def inference_overrides(backend: str, model_repo: Path, triton: TritonServer | None) -> list[str]:
+    overrides = [f"inference.model_repository={model_repo}", f"inference.backend={backend}"]
+    if triton is not None:
+        overrides.append(f"inference.triton_url={triton.grpc_url}")
+    return overrides
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _service_fixture(
+    name: str,
+    backend: str,
+    model_repo: Path,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ServiceProcess]:
+    triton = request.getfixturevalue("triton") if backend == "triton" else None
+    service = start_service(
+        name,
+        inference_overrides(backend, model_repo, triton),
+        tmp_path_factory.mktemp(f"{name}-{backend}"),
+    )
+    yield service
+    code = service.stop()
+    assert code == 0, f"{name} exited with {code}:\n{service.log()}"
+
+
+@pytest.fixture(scope="session")
+def detection(
+    backend: str,
+    model_repo: Path,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ServiceProcess]:
+    yield from _service_fixture("detection", backend, model_repo, request, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def embedding(
+    backend: str,
+    model_repo: Path,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ServiceProcess]:
+    yield from _service_fixture("embedding", backend, model_repo, request, tmp_path_factory)
