@@ -8,11 +8,8 @@ primitives are checked on hand-made bytes.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import struct
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import faces_dir
 from facegrid.models.dlib_dat import (
     AddPrev,
     Conv,
@@ -41,6 +39,7 @@ from facegrid.models.onnx_export import (
     detector_output_size,
     read_detector_options,
 )
+from facegrid.models.weights import models_dir
 from numpy.typing import NDArray
 
 dlib = pytest.importorskip("dlib")
@@ -55,33 +54,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 def _model_file(name: str) -> Path:
-    """A file of the face_recognition_models package.
-
-    Its ``__init__`` imports ``pkg_resources``, which recent setuptools no longer ships, so
-    fall back to locating the package without importing it.
-    """
-    try:
-        with warnings.catch_warnings():  # "pkg_resources is deprecated"
-            warnings.simplefilter("ignore")
-            import face_recognition_models
-
-        locators = {
-            "dlib_face_recognition_resnet_model_v1.dat": (
-                face_recognition_models.face_recognition_model_location
-            ),
-            "mmod_human_face_detector.dat": (
-                face_recognition_models.cnn_face_detector_model_location
-            ),
-            "shape_predictor_5_face_landmarks.dat": (
-                face_recognition_models.pose_predictor_five_point_model_location
-            ),
-        }
-        return Path(locators[name]())
-    except ImportError:
-        spec = importlib.util.find_spec("face_recognition_models")
-        if spec is None or not spec.submodule_search_locations:
-            pytest.skip("face_recognition_models is not installed")
-        return Path(next(iter(spec.submodule_search_locations))) / "models" / name
+    """A model file of the installed face-recognition-models package."""
+    return models_dir() / name
 
 
 EMBEDDER_DAT = "dlib_face_recognition_resnet_model_v1.dat"
@@ -169,8 +143,7 @@ def test_astronaut_descriptor_matches_dlib(
 
 
 def _faces_dir() -> Path:
-    configured = os.environ.get("FACEGRID_TEST_FACES")
-    return Path(configured) if configured else FACES_DIR
+    return faces_dir() or FACES_DIR
 
 
 def _photos(root: Path) -> Iterator[Path]:
@@ -440,7 +413,7 @@ def test_detector_runs_at_any_size(models: BuiltModels) -> None:
     session = ort.InferenceSession(str(models.detector), providers=["CPUExecutionProvider"])
     (inp,) = session.get_inputs()
     (out,) = session.get_outputs()
-    assert (inp.name, inp.type) == ("image", "tensor(uint8)")
+    assert (inp.name, inp.type) == ("image", "tensor(float)")
     assert (out.name, out.type) == ("scores", "tensor(float)")
     rng = np.random.default_rng(1)
 
@@ -448,7 +421,7 @@ def test_detector_runs_at_any_size(models: BuiltModels) -> None:
         return (size - 5) // 2 + 1
 
     for height, width in [(120, 160), (203, 97)]:
-        image = rng.integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+        image = rng.uniform(0, 255, (2, height, width, 3)).astype(np.float32)
         (scores,) = session.run(None, {"image": image})
         expected = detector_output_size(height, width, _model_file(DETECTOR_DAT))
         # three 5x5 stride-2 unpadded convolutions; the rest keep the size
@@ -475,7 +448,7 @@ def test_detector_scores_the_astronaut(models: BuiltModels) -> None:
     image = _astronaut()
     scaled = transform.rescale(image, 5 / 6, channel_axis=2, anti_aliasing=True, order=1)
     level = np.ascontiguousarray((scaled * 255 + 0.5).astype(np.uint8))
-    (scores,) = session.run(None, {"image": level[None]})
+    (scores,) = session.run(None, {"image": level[None].astype(np.float32)})
     row, col = np.unravel_index(int(scores[0, 0].argmax()), scores.shape[2:])
     centre = ((8 * col + 14) * 6 / 5, (8 * row + 14) * 6 / 5)
     assert centre == pytest.approx((215.5, 116.5), abs=8)

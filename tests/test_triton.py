@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import skimage.data
 import tritonclient.grpc as triton_grpc
-
 from facegrid.config import InferenceBackendKind, InferenceSettings
 from facegrid.inference import LocalBackend, TritonBackend
 from facegrid.models.repository import (
     DETECTOR_SPEC,
     EMBEDDER_SPEC,
     ModelSpec,
-    TritonBackend as RepoBackend,
     render_config,
+)
+from facegrid.models.repository import (
+    TritonBackend as RepoBackend,
 )
 from facegrid.triton_server import SHM_DIR, TritonInstall, TritonServer
 from facegrid_detection import mmod
@@ -35,7 +36,9 @@ def test_served_models_have_the_contract_tensors(triton: TritonServer, spec: Mod
         client.close()
     batch = [-1] if spec.max_batch_size > 0 else []
     inputs = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in metadata["inputs"]}
-    outputs = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in metadata["outputs"]}
+    outputs = {
+        t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in metadata["outputs"]
+    }
     assert inputs == {
         t.name: (TRITON_TYPES[t.data_type], batch + list(t.dims)) for t in spec.inputs
     }
@@ -48,7 +51,8 @@ def test_onnxruntime_backend_config_names_the_same_tensors() -> None:
     text = render_config(EMBEDDER_SPEC, RepoBackend.ONNXRUNTIME, "dlib_resnet_v1")
     assert 'backend: "onnxruntime"' in text
     assert 'name: "chips" data_type: TYPE_UINT8 dims: [ 150, 150, 3 ]' in text
-    assert "dynamic_batching" in text and "max_queue_size" in text
+    assert "dynamic_batching" in text
+    assert "max_queue_size" in text
     assert "KIND_CPU" not in text  # placement left to Triton (GPUs when present)
 
 
@@ -70,7 +74,7 @@ def test_triton_and_local_backends_agree(triton: TritonServer, model_repo: Path)
             results = {}
             for name, backend in (("local", local), ("triton", remote)):
                 scores = await backend.infer(
-                    "face_detector", {"image": pyramid.image[None]}, ["scores"]
+                    "face_detector", {"image": pyramid.trunk_input(np.float32)}, ["scores"]
                 )
                 descriptors = await backend.infer(
                     "face_embedder", {"chips": chips}, ["descriptors"]

@@ -13,11 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from facegrid.config import Settings
+from facegrid.inference import InferenceBackend
 from numpy.typing import NDArray
 from PIL import Image
 
-from facegrid.config import Settings
-from facegrid.inference import InferenceBackend
 from facegrid_detection import mmod
 from facegrid_detection.analysis import FaceAnalysis, FaceAnalyzer
 
@@ -77,10 +77,10 @@ class DetectionPipeline:
     ) -> list[DetectedFace]:
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(self._executor, self._prepare, image, upsample)
-        if min(mmod.trunk_output_size(*prepared.pyramid.image.shape[:2])) < 1:
+        if min(mmod.trunk_output_size(*prepared.pyramid.size)) < 1:
             return []  # smaller than one detector window: no face can be found
         outputs = await self._backend.infer(
-            self._model, {"image": prepared.pyramid.image[None]}, ["scores"]
+            self._model, {"image": prepared.pyramid.trunk_input(np.float32)}, ["scores"]
         )
         scores = np.asarray(outputs["scores"], dtype=np.float32)
         return await loop.run_in_executor(

@@ -3,12 +3,15 @@
 * :func:`build_embedder_onnx` — ``dlib_face_recognition_resnet_model_v1.dat``: input
   ``chips`` uint8 [N, 150, 150, 3] (RGB, NHWC, as ``dlib.get_face_chip`` returns), output
   ``descriptors`` float32 [N, 128], raw (dlib does not normalise them).
-* :func:`build_detector_onnx` — ``mmod_human_face_detector.dat``: input ``image`` uint8
-  [N, H, W, 3] (RGB, NHWC, H and W dynamic), output ``scores`` float32 [N, 1, H', W'], the
-  raw output of the final convolution (no pyramid, no thresholding, no NMS: those belong to
-  the caller, see :func:`read_detector_options`).
+* :func:`build_detector_onnx` — ``mmod_human_face_detector.dat``: input ``image`` float32
+  [N, H, W, 3] (RGB pixel values 0-255, NHWC, H and W dynamic), output ``scores`` float32
+  [N, 1, H', W'], the raw output of the final convolution (no pyramid, no thresholding,
+  no NMS: those belong to the caller, see :func:`read_detector_options`).
 
-Both graphs do dlib's input scaling in-graph: cast, NHWC to NCHW, (pixel - mean) / 256.
+Both graphs do dlib's input scaling in-graph: NHWC to NCHW, (pixel - mean) / 256. The
+detector takes float pixels because dlib builds its image pyramid in float: the smaller
+levels are not whole pixel values, and rounding them to uint8 moves scores by up to 1e-2
+and can swap two near-equal windows (measured on the test photos).
 Opset 17, IR version 9.
 """
 
@@ -116,8 +119,8 @@ def _out_size(size: int | None, kernel: int, stride: int, pad: int) -> int | Non
     return result
 
 
-def _preprocess(g: _GraphBuilder, input_name: str, info: InputInfo) -> str:
-    x = g.node("Cast", [input_name], to=TensorProto.FLOAT)
+def _preprocess(g: _GraphBuilder, input_name: str, info: InputInfo, cast: bool) -> str:
+    x = g.node("Cast", [input_name], to=TensorProto.FLOAT) if cast else input_name
     x = g.node("Transpose", [x], perm=[0, 3, 1, 2])
     mean = np.array(info.mean_rgb, dtype=np.float32).reshape(1, 3, 1, 1)
     x = g.node("Sub", [x, g.const("input_mean", mean)])
@@ -289,7 +292,7 @@ def build_embedder_onnx(dat_path: Path) -> onnx.ModelProto:
         raise OnnxExportError(f"{dat_path.name}: expected a fixed-size RGB input, got {net.input}")
     rows, cols = net.input.size
     g = _GraphBuilder()
-    x = _preprocess(g, EMBEDDER_INPUT, net.input)
+    x = _preprocess(g, EMBEDDER_INPUT, net.input, cast=True)
     _, out_shape = _emit_layers(g, x, (3, rows, cols), net.layers, EMBEDDER_OUTPUT)
     if not isinstance(out_shape, int):
         raise OnnxExportError(f"{dat_path.name}: the network does not end in a vector")
@@ -354,16 +357,16 @@ def read_detector_options(dat_path: Path) -> DetectorOptions:
 
 
 def build_detector_onnx(dat_path: Path) -> onnx.ModelProto:
-    """dlib's MMOD CNN face detector trunk as ONNX: ``image`` uint8 [N,H,W,3] → ``scores``."""
+    """dlib's MMOD CNN face detector trunk as ONNX: ``image`` float32 [N,H,W,3] → ``scores``."""
     dat_path = Path(dat_path)
     net = load_network(dat_path)
     opts = _detector_options(net)
     g = _GraphBuilder()
-    x = _preprocess(g, DETECTOR_INPUT, net.input)
+    x = _preprocess(g, DETECTOR_INPUT, net.input, cast=False)
     _, out_shape = _emit_layers(g, x, (3, None, None), net.layers, DETECTOR_OUTPUT)
     if isinstance(out_shape, int):
         raise OnnxExportError(f"{dat_path.name}: the detector does not end in a score map")
-    inputs = [helper.make_tensor_value_info(DETECTOR_INPUT, TensorProto.UINT8, ["N", "H", "W", 3])]
+    inputs = [helper.make_tensor_value_info(DETECTOR_INPUT, TensorProto.FLOAT, ["N", "H", "W", 3])]
     outputs = [
         helper.make_tensor_value_info(
             DETECTOR_OUTPUT, TensorProto.FLOAT, ["N", out_shape[0], "H_out", "W_out"]

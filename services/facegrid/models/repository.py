@@ -53,7 +53,7 @@ class ModelSpec:
 # use exactly these names, dtypes and shapes.
 DETECTOR_SPEC = ModelSpec(
     name=DETECTOR_MODEL,
-    inputs=(TensorSpec("image", "TYPE_UINT8", (-1, -1, -1, 3)),),
+    inputs=(TensorSpec("image", "TYPE_FP32", (-1, -1, -1, 3)),),  # float pixels, 0-255
     outputs=(TensorSpec("scores", "TYPE_FP32", (-1, 1, -1, -1)),),
     max_batch_size=0,  # one tiled pyramid image per request; sizes differ
     dynamic_batching=False,
@@ -113,7 +113,9 @@ class BuiltModel:
     model_version: str
 
 
-def build_repository(repo: Path, backend: TritonBackend = TritonBackend.ONNXRUNTIME) -> list[BuiltModel]:
+def build_repository(
+    repo: Path, backend: TritonBackend = TritonBackend.ONNXRUNTIME
+) -> list[BuiltModel]:
     """Convert both networks and write a complete Triton model repository into ``repo``."""
     from facegrid.models import onnx_export  # heavy imports only when building
     from facegrid.models.weights import detector_weights, embedder_weights
