@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from facegrid.launcher import wait_healthy
 from facegrid.models.repository import TritonBackend, build_repository
 from facegrid.triton_server import TritonInstall, TritonServer, free_port

@@ -11,10 +11,9 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
-from numpy.typing import NDArray
-
 from facegrid.errors import ServiceError
 from facegrid_embedding.batcher import MicroBatcher
+from numpy.typing import NDArray
 
 
 def chips(values: list[int]) -> NDArray[np.uint8]:
@@ -132,7 +131,9 @@ def test_cancelled_caller_does_not_block_others() -> None:
 @pytest.mark.parametrize("delay", [0.0, 0.005])
 def test_single_request_is_not_held_longer_than_the_delay(delay: float) -> None:
     async def scenario() -> float:
-        batcher = MicroBatcher(RecordingModel(), max_batch=32, max_delay_s=delay, max_queued_chips=10)
+        batcher = MicroBatcher(
+            RecordingModel(), max_batch=32, max_delay_s=delay, max_queued_chips=10
+        )
         batcher.start()
         loop = asyncio.get_running_loop()
         start = loop.time()

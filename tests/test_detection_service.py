@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import skimage.data
 from conftest import ServiceProcess
+from facegrid.v1 import common_pb2, detection_pb2, detection_pb2_grpc
 from grpc_helpers import (
     DEADLINE_S,
     error_reason,
@@ -21,8 +22,6 @@ from grpc_helpers import (
     rpc_error,
 )
 from PIL import Image
-
-from facegrid.v1 import common_pb2, detection_pb2, detection_pb2_grpc
 
 ASTRONAUT_BOX = (168, 69, 263, 164)  # dlib's own MMOD box (inclusive corners)
 Request = detection_pb2.DetectionServiceDetectFacesRequest
@@ -73,13 +72,13 @@ def test_astronaut_face_box_landmarks_quality_chip(
     assert 0 < quality.sharpness <= 100
     assert 0 < quality.brightness <= 100
     assert quality.face_size == 96
-    assert abs(quality.roll) < 15 and abs(quality.yaw) < 30
+    assert abs(quality.roll) < 15
+    assert abs(quality.yaw) < 30
     assert (face.chip.width, face.chip.height, len(face.chip.rgb)) == (150, 150, 67500)
 
 
 def test_chip_matches_dlib_get_face_chip(stub: detection_pb2_grpc.DetectionServiceStub) -> None:
     import dlib
-
     from facegrid.models.weights import landmarks_weights
 
     image = skimage.data.astronaut()
@@ -122,7 +121,8 @@ def test_exif_rotated_photo_is_detected_upright(
     assert reply.orientation == 6
     assert len(reply.faces) == 1
     box = reply.faces[0].bounding_box
-    assert abs(box.left - ASTRONAUT_BOX[0]) <= 4 and abs(box.top - ASTRONAUT_BOX[1]) <= 4
+    assert abs(box.left - ASTRONAUT_BOX[0]) <= 4
+    assert abs(box.top - ASTRONAUT_BOX[1]) <= 4
 
 
 def test_several_faces_largest_first_and_max_faces(

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import skimage.data
 from conftest import ServiceProcess
-from grpc_helpers import DEADLINE_S, field_violations, is_serving, reflected_services, rpc_error
-from numpy.typing import NDArray
-
 from facegrid.models.weights import embedder_weights, landmarks_weights
 from facegrid.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
+from grpc_helpers import DEADLINE_S, field_violations, is_serving, reflected_services, rpc_error
+from numpy.typing import NDArray
 
 Request = embedding_pb2.EmbeddingServiceEmbedChipsRequest
 

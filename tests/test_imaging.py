@@ -8,11 +8,10 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from facegrid.config import ImageLimits
 from facegrid.errors import ServiceError
 from facegrid.imaging import decode_image
+from PIL import Image
 
 LIMITS = ImageLimits()
 

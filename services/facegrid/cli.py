@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     triton = commands.add_parser(
         "triton", help="run the tritonserver binary bundled in nvidia-pytriton (for tests, demos)"
     )
-    triton.add_argument("--repo", type=Path, required=True, help="model repository (python backend)")
+    triton.add_argument(
+        "--repo", type=Path, required=True, help="model repository (python backend)"
+    )
     triton.add_argument("--venv", type=Path, default=Path(".venv-triton"))
     triton.set_defaults(handler=_triton)
     return parser

@@ -91,7 +91,9 @@ class EmbeddingSettings(BaseModel):
         description="How long the batcher waits for more chips before running a partial batch.",
     )
     max_queued_chips: int = Field(
-        1024, gt=0, description="Bound of the batching queue; beyond it calls get RESOURCE_EXHAUSTED."
+        1024,
+        gt=0,
+        description="Bound of the batching queue; beyond it calls get RESOURCE_EXHAUSTED.",
     )
     max_chips_per_request: int = Field(256, gt=0, description="Most chips in one EmbedChips call.")
     max_concurrent_rpcs: int = Field(

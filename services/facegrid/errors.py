@@ -65,7 +65,9 @@ def invalid_arguments(violations: Iterable[tuple[str, str]], reason: str = "") -
 def resource_exhausted(subject: str, description: str, reason: str) -> ServiceError:
     """RESOURCE_EXHAUSTED: a limit (size, queue, concurrency) was reached."""
     quota = error_details_pb2.QuotaFailure(
-        violations=[error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)]
+        violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)
+        ]
     )
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
     return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, description, [quota, info])

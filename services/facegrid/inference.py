@@ -56,9 +56,7 @@ class LocalBackend:
                     f"{path} is missing: run `facegrid models build --repo "
                     f"{settings.model_repository}` first"
                 )
-            session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             self._sessions[name] = session
             meta = session.get_modelmeta().custom_metadata_map
             self._versions[name] = meta.get("facegrid_model_version", "unknown")
@@ -142,7 +140,7 @@ class TritonBackend:
             return bool(
                 await self._client.is_server_ready(client_timeout=self._settings.triton_timeout_s)
             )
-        except Exception:  # noqa: BLE001 - any failure means not ready
+        except Exception:
             return False
 
     async def close(self) -> None:

@@ -39,7 +39,9 @@ def serve_one(service: str, overrides: list[str]) -> int:
     return 0
 
 
-def wait_healthy(address: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_healthy(
+    address: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
     """Block until the gRPC health service at ``address`` says SERVING."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
@@ -116,9 +118,11 @@ def run_triton(repo: Path, venv: Path) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     with server:
-        print(f"tritonserver ready: gRPC {server.grpc_url}, "
-              f"HTTP 127.0.0.1:{server.http_port}, metrics 127.0.0.1:{server.metrics_port}",
-              flush=True)
+        print(
+            f"tritonserver ready: gRPC {server.grpc_url}, "
+            f"HTTP 127.0.0.1:{server.http_port}, metrics 127.0.0.1:{server.metrics_port}",
+            flush=True,
+        )
         while not stop and server.process is not None and server.process.poll() is None:
             time.sleep(0.2)
     return 0

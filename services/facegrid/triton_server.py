@@ -10,6 +10,7 @@ stop removes its shared-memory regions.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -178,7 +179,7 @@ class TritonServer:
                 try:
                     if client.is_server_ready(client_timeout=1.0):
                         return
-                except Exception:  # noqa: BLE001 - not listening yet
+                except Exception:
                     pass
                 time.sleep(0.1)
         finally:
@@ -224,7 +225,5 @@ class TritonServer:
 
 def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     # The server runs in its own session: signal the group so python-backend stubs go too.
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass

@@ -15,9 +15,8 @@ from enum import IntEnum
 
 import dlib
 import numpy as np
-from numpy.typing import NDArray
-
 from facegrid.models.weights import landmarks_weights
+from numpy.typing import NDArray
 
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import grpc
-
 from facegrid.config import Settings
 from facegrid.errors import invalid_arguments
 from facegrid.imaging import decode_image
 from facegrid.inference import create_backend
 from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
 from facegrid.v1 import common_pb2, detection_pb2, detection_pb2_grpc
+
 from facegrid_detection.analysis import Landmark
 from facegrid_detection.pipeline import (
     DEFAULT_MIN_CONFIDENCE,
@@ -29,7 +29,7 @@ _LANDMARK_TYPES = {
 }
 
 
-class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):
+class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):  # type: ignore[misc]
     def __init__(self, settings: Settings, pipeline: DetectionPipeline) -> None:
         self._settings = settings
         self._pipeline = pipeline
@@ -83,8 +83,12 @@ def face_detail(
         for mark, (x, y) in zip(Landmark, analysis.landmarks, strict=True)
     ]
     left_eye, right_eye = analysis.eye_centres()
-    landmarks.append(_landmark(common_pb2.Landmark.TYPE_LEFT_EYE, *left_eye, width, height))
-    landmarks.append(_landmark(common_pb2.Landmark.TYPE_RIGHT_EYE, *right_eye, width, height))
+    landmarks.append(
+        _landmark(common_pb2.Landmark.TYPE_LEFT_EYE, left_eye[0], left_eye[1], width, height)
+    )
+    landmarks.append(
+        _landmark(common_pb2.Landmark.TYPE_RIGHT_EYE, right_eye[0], right_eye[1], width, height)
+    )
     detail = common_pb2.FaceDetail(
         bounding_box=common_pb2.BoundingBox(
             left=round(left),
@@ -117,7 +121,7 @@ def face_detail(
 
 
 def _landmark(
-    kind: common_pb2.Landmark.Type.ValueType, x: float, y: float, width: int, height: int
+    kind: common_pb2.Landmark.Type, x: float, y: float, width: int, height: int
 ) -> common_pb2.Landmark:
     return common_pb2.Landmark(
         type=kind, x=float(x), y=float(y), x_ratio=float(x) / width, y_ratio=float(y) / height

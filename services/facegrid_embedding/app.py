@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import grpc
 import numpy as np
-from numpy.typing import NDArray
-
 from facegrid.config import Settings
 from facegrid.errors import invalid_argument, invalid_arguments
 from facegrid.inference import InferenceBackend, create_backend
 from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
 from facegrid.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
+from numpy.typing import NDArray
+
 from facegrid_embedding.batcher import MicroBatcher
 
 CHIP_SIZE = 150
@@ -60,8 +60,7 @@ def chips_from_request(
             violations.append(
                 (
                     f"chips[{index}]",
-                    f"chip is {chip.width}x{chip.height}; the model takes "
-                    f"{CHIP_SIZE}x{CHIP_SIZE}",
+                    f"chip is {chip.width}x{chip.height}; the model takes {CHIP_SIZE}x{CHIP_SIZE}",
                 )
             )
         elif len(chip.rgb) != CHIP_BYTES:
@@ -74,7 +73,7 @@ def chips_from_request(
     return np.frombuffer(joined, np.uint8).reshape(count, CHIP_SIZE, CHIP_SIZE, 3)
 
 
-class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
+class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
     def __init__(self, settings: Settings, embedder: Embedder) -> None:
         self._settings = settings
         self._embedder = embedder
@@ -108,9 +107,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             chip_height=CHIP_SIZE,
             max_batch_size=self._settings.embedding.max_chips_per_request,
             backend=(
-                "onnxruntime"
-                if self._settings.inference.backend.value == "local"
-                else "triton"
+                "onnxruntime" if self._settings.inference.backend.value == "local" else "triton"
             ),
         )
 

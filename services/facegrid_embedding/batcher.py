@@ -16,9 +16,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from numpy.typing import NDArray
-
 from facegrid import errors
+from numpy.typing import NDArray
 
 RunBatch = Callable[[NDArray[np.uint8]], Awaitable[NDArray[np.float32]]]
 
@@ -113,7 +112,7 @@ class MicroBatcher:
                 continue
             try:
                 outputs = await self._run_batch(batch)
-            except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
+            except Exception as exc:
                 for pending, _ in takers:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
