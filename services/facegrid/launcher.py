@@ -76,7 +76,8 @@ def up(overrides: list[str]) -> int:
             command = [sys.executable, "-m", "facegrid.cli", "serve", name]
             for override in overrides:
                 command += ["--set", override]
-            processes[name] = subprocess.Popen(command)
+            # Own session: Ctrl-C reaches only this launcher, which stops them in order.
+            processes[name] = subprocess.Popen(command, start_new_session=True)
             address = f"{settings.server.host}:{service_port(settings, name)}"
             wait_healthy(address, HEALTH_TIMEOUT_S, processes[name])
             print(f"  {name:10} healthy on {address}", flush=True)
