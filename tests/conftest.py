@@ -147,3 +147,49 @@ def embedding(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServiceProcess]:
     yield from _service_fixture("embedding", backend, model_repo, request, tmp_path_factory)
+
+
+# ---------------------------------------------------------------- Milvus
+
+MILVUS_VENV = PROJECT_ROOT / ".venv-milvus"
+STORES = ["lite", "server"]
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Milvus 2.3 standalone server (the `milvus` PyPI package) on 127.0.0.1."""
+    from facegrid.milvus_server import MilvusServer
+
+    if not (MILVUS_VENV / "bin" / "python").exists():
+        pytest.fail(f"{MILVUS_VENV} is missing: run `make milvus-venv` (make test does)")
+    with MilvusServer(MILVUS_VENV, tmp_path_factory.mktemp("milvus")) as server:
+        yield server.uri
+
+
+@pytest.fixture(scope="module", params=STORES)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def store_uri(store_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a test's own search service stores: a fresh Lite file, or the server."""
+    if store_kind == "server":
+        return str(request.getfixturevalue("milvus_server"))
+    return str(tmp_path / "facegrid.db")
+
+
+@pytest.fixture(scope="module")
+def search_service(
+    store_kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    work = tmp_path_factory.mktemp(f"search-{store_kind}")
+    uri = (
+        str(request.getfixturevalue("milvus_server"))
+        if store_kind == "server"
+        else str(work / "facegrid.db")
+    )
+    service = start_service("search", [f"store.uri={uri}"], work)
+    yield service
+    code = service.stop()
+    assert code == 0, f"search exited with {code}:\n{service.log()}"

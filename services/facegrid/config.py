@@ -101,6 +101,46 @@ class EmbeddingSettings(BaseModel):
     )
 
 
+class SearchCache(StrEnum):
+    AUTO = "auto"  # on for Milvus Lite (one process owns the file), off for a server
+    ON = "on"
+    OFF = "off"
+
+
+class StoreSettings(BaseModel):
+    uri: str = Field(
+        "var/facegrid.db",
+        description="Milvus Lite database path (the embedded default) or a Milvus server "
+        "URL such as http://milvus:19530.",
+    )
+    token: str = Field("", description="Milvus server token (user:password); empty: none.")
+    index_type: str = Field(
+        "HNSW", description="Milvus vector index of face collections: HNSW or FLAT."
+    )
+    hnsw_m: int = Field(16, ge=4, le=64, description="HNSW graph degree.")
+    hnsw_ef_construction: int = Field(200, ge=8, le=512, description="HNSW build width.")
+    hnsw_ef_search: int = Field(64, ge=1, le=4096, description="HNSW search width (>= top_k).")
+    consistency_level: str = Field(
+        "Strong",
+        description="Milvus read consistency for a server: Strong makes every replica see "
+        "every acknowledged write and delete at once (about 200 ms per search on Milvus "
+        "2.3); Session suffices with one search replica. Milvus Lite ignores it.",
+    )
+    cache: SearchCache = Field(
+        SearchCache.AUTO,
+        description="In-memory exact index mirroring Milvus, rebuilt from it at start-up: "
+        "'auto' uses it with Milvus Lite, whose own search scans rows in Python.",
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Deadline of one Milvus call, in seconds.")
+
+
+class SearchSettings(BaseModel):
+    port: int = Field(50053, ge=0, le=65535, description="gRPC port of the search service.")
+    max_concurrent_rpcs: int = Field(
+        64, gt=0, description="Calls served at once; more get RESOURCE_EXHAUSTED."
+    )
+
+
 class ServerSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address the gRPC servers bind to.")
     grace_period_s: float = Field(
@@ -123,6 +163,8 @@ class Settings(BaseSettings):
     images: ImageLimits = ImageLimits()
     detection: DetectionSettings = DetectionSettings()
     embedding: EmbeddingSettings = EmbeddingSettings()
+    search: SearchSettings = SearchSettings()
+    store: StoreSettings = StoreSettings()
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -94,3 +94,30 @@ def _grpc_to_rpc_code(code: grpc.StatusCode) -> int:
     # grpc.StatusCode values are (int, name) tuples; the ints equal google.rpc.Code.
     value = int(code.value[0])
     return value if value in code_pb2.Code.values() else code_pb2.UNKNOWN
+
+
+def not_found(resource_type: str, name: str) -> ServiceError:
+    """NOT_FOUND with google.rpc.ResourceInfo naming what is missing."""
+    info = error_details_pb2.ResourceInfo(
+        resource_type=resource_type, resource_name=name, description="not found"
+    )
+    return ServiceError(grpc.StatusCode.NOT_FOUND, f"{name} not found", [info])
+
+
+def already_exists(resource_type: str, name: str) -> ServiceError:
+    info = error_details_pb2.ResourceInfo(
+        resource_type=resource_type, resource_name=name, description="already exists"
+    )
+    return ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"{name} already exists", [info])
+
+
+def failed_precondition(kind: str, subject: str, description: str) -> ServiceError:
+    """FAILED_PRECONDITION with a google.rpc.PreconditionFailure violation."""
+    failure = error_details_pb2.PreconditionFailure(
+        violations=[
+            error_details_pb2.PreconditionFailure.Violation(
+                type=kind, subject=subject, description=description
+            )
+        ]
+    )
+    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, description, [failure])

@@ -20,9 +20,10 @@ from facegrid.config import Settings, load_settings
 SERVICES = {
     "detection": "facegrid_detection.app",
     "embedding": "facegrid_embedding.app",
+    "search": "facegrid_search.app",
 }
 # Order of `facegrid up`: dependencies first.
-UP_ORDER = ("detection", "embedding")
+UP_ORDER = ("detection", "embedding", "search")
 HEALTH_TIMEOUT_S = 120.0
 
 

@@ -1,0 +1,410 @@
+"""SearchService: collections, faces, subjects and vector search, stored in Milvus."""
+
+from __future__ import annotations
+
+import math
+from typing import TypeAlias
+
+import grpc
+from facegrid.config import Settings
+from facegrid.errors import failed_precondition, invalid_argument, invalid_arguments, not_found
+from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
+from facegrid.similarity import Calibration
+from facegrid.v1 import resources_pb2, search_pb2, search_pb2_grpc
+
+from facegrid_search import convert, names
+from facegrid_search.core import Collection, SearchCore
+from facegrid_search.records import CollectionSpec, Match, SubjectRow
+
+MAX_DIMENSION = 4096
+MAX_BATCH_FACES = 1000
+MAX_ASSOCIATE_FACES = 100
+MAX_QUERIES = 64
+DEFAULT_TOP_K = 10
+MAX_TOP_K = 4096
+SUPPORTED_METRICS = (
+    resources_pb2.METRIC_COSINE,
+    resources_pb2.METRIC_INNER_PRODUCT,
+    resources_pb2.METRIC_EUCLIDEAN,
+)
+
+S = search_pb2
+Context: TypeAlias = grpc.aio.ServicerContext
+
+
+class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[misc]
+    def __init__(self, settings: Settings, core: SearchCore) -> None:
+        self._settings = settings
+        self._core = core
+
+    # ---------------------------------------------------------------- collections
+
+    async def CreateCollection(  # noqa: N802
+        self, request: S.SearchServiceCreateCollectionRequest, context: Context
+    ) -> S.SearchServiceCreateCollectionResponse:
+        collection_id = names.check_id(
+            request.collection_id, names.COLLECTION_ID, "collection_id", "collection id"
+        )
+        given = request.collection
+        violations = []
+        if not 1 <= given.dimension <= MAX_DIMENSION:
+            violations.append(("collection.dimension", f"must be 1 to {MAX_DIMENSION}"))
+        if not given.model_version:
+            violations.append(("collection.model_version", "is required"))
+        if (
+            given.metric != resources_pb2.METRIC_UNSPECIFIED
+            and given.metric not in SUPPORTED_METRICS
+        ):
+            violations.append(("collection.metric", "unknown metric"))
+        if violations:
+            raise invalid_arguments(violations)
+        Calibration.from_proto(given.similarity_calibration, "collection.similarity_calibration")
+        stored = resources_pb2.Collection()
+        stored.CopyFrom(given)
+        if stored.metric == resources_pb2.METRIC_UNSPECIFIED:
+            stored.metric = resources_pb2.METRIC_COSINE
+        spec = CollectionSpec(
+            collection_id=collection_id,
+            dimension=given.dimension,
+            model_version=given.model_version,
+            create_time_us=convert.now_us(),
+            definition=convert.collection_definition(stored),
+        )
+        await self._core.create_collection(spec)
+        return S.SearchServiceCreateCollectionResponse(
+            collection=convert.collection_message(spec, 0, 0)
+        )
+
+    async def GetCollection(  # noqa: N802
+        self, request: S.SearchServiceGetCollectionRequest, context: Context
+    ) -> S.SearchServiceGetCollectionResponse:
+        collection = await self._core.collection(names.parse_collection(request.name))
+        return S.SearchServiceGetCollectionResponse(collection=await self._describe(collection))
+
+    async def _describe(self, collection: Collection) -> resources_pb2.Collection:
+        faces, subjects = await self._core.counts(collection)
+        return convert.collection_message(collection.spec, faces, subjects)
+
+    async def ListCollections(  # noqa: N802
+        self, request: S.SearchServiceListCollectionsRequest, context: Context
+    ) -> S.SearchServiceListCollectionsResponse:
+        size = convert.page_size(request.page_size)
+        fingerprint = convert.request_fingerprint("collections")
+        after = convert.decode_page_token(request.page_token, fingerprint)
+        specs = [s for s in await self._core.list_specs() if s.collection_id > after]
+        page = specs[:size]
+        collections = []
+        for spec in page:
+            collections.append(
+                await self._describe(await self._core.collection(spec.collection_id))
+            )
+        token = ""
+        if len(specs) > size:
+            token = convert.encode_page_token(page[-1].collection_id, fingerprint)
+        return S.SearchServiceListCollectionsResponse(
+            collections=collections, next_page_token=token
+        )
+
+    async def DeleteCollection(  # noqa: N802
+        self, request: S.SearchServiceDeleteCollectionRequest, context: Context
+    ) -> S.SearchServiceDeleteCollectionResponse:
+        deleted = await self._core.delete_collection(
+            names.parse_collection(request.name), request.force
+        )
+        return S.SearchServiceDeleteCollectionResponse(deleted_face_count=deleted)
+
+    # ---------------------------------------------------------------- faces
+
+    async def BatchUpsertFaces(  # noqa: N802
+        self, request: S.SearchServiceBatchUpsertFacesRequest, context: Context
+    ) -> S.SearchServiceBatchUpsertFacesResponse:
+        collection_id = names.parse_collection(request.parent, "parent")
+        count = len(request.faces)
+        if not 1 <= count <= MAX_BATCH_FACES:
+            raise invalid_argument("faces", f"1 to {MAX_BATCH_FACES} faces, got {count}")
+        collection = await self._core.collection(collection_id)
+        spec = collection.spec
+        rows = []
+        seen: set[str] = set()
+        for index, face in enumerate(request.faces):
+            field = f"faces[{index}]"
+            name = names.parse_face(face.name, f"{field}.name", collection_id)
+            if name.face_id in seen:
+                raise invalid_argument(f"{field}.name", f"{face.name} appears twice")
+            seen.add(name.face_id)
+            if face.model_version != spec.model_version:
+                raise failed_precondition(
+                    "MODEL_VERSION",
+                    face.name,
+                    f"{field}.model_version is {face.model_version!r}; "
+                    f"the collection holds {spec.model_version!r}",
+                )
+            rows.append(convert.face_row(face, name.face_id, field))
+        vectors = convert.unit_vectors(
+            [face.embedding for face in request.faces], spec.dimension, "faces"
+        )
+        await self._core.upsert_faces(collection, rows, vectors)
+        return S.SearchServiceBatchUpsertFacesResponse(
+            faces=[convert.face_message(collection_id, row) for row in rows]
+        )
+
+    async def GetFace(  # noqa: N802
+        self, request: S.SearchServiceGetFaceRequest, context: Context
+    ) -> S.SearchServiceGetFaceResponse:
+        name = names.parse_face(request.name)
+        collection = await self._core.collection(name.collection)
+        full = request.view == S.FACE_VIEW_FULL
+        found = await self._core.face_rows(collection, [name.face_id], with_vectors=full)
+        if name.face_id not in found:
+            raise not_found("facegrid.v1.Face", str(name))
+        row, vector = found[name.face_id]
+        return S.SearchServiceGetFaceResponse(
+            face=convert.face_message(name.collection, row, vector)
+        )
+
+    async def ListFaces(  # noqa: N802
+        self, request: S.SearchServiceListFacesRequest, context: Context
+    ) -> S.SearchServiceListFacesResponse:
+        collection_id = names.parse_collection(request.parent, "parent")
+        size = convert.page_size(request.page_size)
+        face_filter = convert.face_filter(request.filter)
+        fingerprint = convert.request_fingerprint(
+            collection_id, request.filter.SerializeToString(deterministic=True).hex()
+        )
+        after = convert.decode_page_token(request.page_token, fingerprint)
+        collection = await self._core.collection(collection_id)
+        rows, more = await self._core.page(collection, face_filter, after, size)
+        full = request.view == S.FACE_VIEW_FULL
+        vectors = {}
+        if full and rows:
+            found = await self._core.face_rows(collection, [r.face_id for r in rows], True)
+            vectors = {face_id: vector for face_id, (_, vector) in found.items()}
+        token = convert.encode_page_token(rows[-1].face_id, fingerprint) if more else ""
+        return S.SearchServiceListFacesResponse(
+            faces=[
+                convert.face_message(collection_id, row, vectors.get(row.face_id)) for row in rows
+            ],
+            next_page_token=token,
+        )
+
+    async def BatchDeleteFaces(  # noqa: N802
+        self, request: S.SearchServiceBatchDeleteFacesRequest, context: Context
+    ) -> S.SearchServiceBatchDeleteFacesResponse:
+        collection_id = names.parse_collection(request.parent, "parent")
+        count = len(request.names)
+        if not 1 <= count <= MAX_BATCH_FACES:
+            raise invalid_argument("names", f"1 to {MAX_BATCH_FACES} names, got {count}")
+        faces = [
+            names.parse_face(n, f"names[{i}]", collection_id) for i, n in enumerate(request.names)
+        ]
+        collection = await self._core.collection(collection_id)
+        ids = list(dict.fromkeys(f.face_id for f in faces))
+        existing = await self._core.face_rows(collection, ids)
+        missing = [i for i in ids if i not in existing]
+        if missing and not request.allow_missing:
+            raise not_found("facegrid.v1.Face", str(names.FaceName(collection_id, missing[0])))
+        present = [i for i in ids if i in existing]
+        await self._core.delete_faces(collection, present)
+        return S.SearchServiceBatchDeleteFacesResponse(
+            deleted_faces=[str(names.FaceName(collection_id, i)) for i in present]
+        )
+
+    async def PurgeFaces(  # noqa: N802
+        self, request: S.SearchServicePurgeFacesRequest, context: Context
+    ) -> S.SearchServicePurgeFacesResponse:
+        collection_id = names.parse_collection(request.parent, "parent")
+        face_filter = convert.face_filter(request.filter)
+        if face_filter.is_empty():
+            raise invalid_argument(
+                "filter", "an empty filter would purge every face: delete the collection instead"
+            )
+        collection = await self._core.collection(collection_id)
+        ids = await self._core.matching_ids(collection, face_filter)
+        if request.force:
+            await self._core.delete_faces(collection, ids)
+        return S.SearchServicePurgeFacesResponse(
+            purge_count=len(ids),
+            purge_sample=[str(names.FaceName(collection_id, i)) for i in ids[:100]],
+        )
+
+    # ---------------------------------------------------------------- subjects
+
+    async def CreateSubject(  # noqa: N802
+        self, request: S.SearchServiceCreateSubjectRequest, context: Context
+    ) -> S.SearchServiceCreateSubjectResponse:
+        collection_id = names.parse_collection(request.parent, "parent")
+        subject_id = names.check_id(
+            request.subject_id, names.SUBJECT_ID, "subject_id", "subject id"
+        )
+        if len(request.subject.display_name) > 512:
+            raise invalid_argument("subject.display_name", "at most 512 characters")
+        collection = await self._core.collection(collection_id)
+        row = SubjectRow(
+            subject_id=subject_id,
+            display_name=request.subject.display_name,
+            metadata=convert.to_json(request.subject.metadata),
+            create_time_us=convert.now_us(),
+        )
+        await self._core.create_subject(collection, row)
+        return S.SearchServiceCreateSubjectResponse(
+            subject=convert.subject_message(collection_id, row, 0)
+        )
+
+    async def GetSubject(  # noqa: N802
+        self, request: S.SearchServiceGetSubjectRequest, context: Context
+    ) -> S.SearchServiceGetSubjectResponse:
+        name = names.parse_subject(request.name)
+        collection = await self._core.collection(name.collection)
+        return S.SearchServiceGetSubjectResponse(
+            subject=await self._subject_message(collection, name.subject_id)
+        )
+
+    async def _subject_message(
+        self, collection: Collection, subject_id: str
+    ) -> resources_pb2.Subject:
+        row = await self._core.subject(collection, subject_id)
+        count = await self._core.subject_face_count(collection, subject_id)
+        return convert.subject_message(collection.spec.collection_id, row, count)
+
+    async def ListSubjects(  # noqa: N802
+        self, request: S.SearchServiceListSubjectsRequest, context: Context
+    ) -> S.SearchServiceListSubjectsResponse:
+        collection_id = names.parse_collection(request.parent, "parent")
+        size = convert.page_size(request.page_size)
+        fingerprint = convert.request_fingerprint(collection_id, "subjects")
+        after = convert.decode_page_token(request.page_token, fingerprint)
+        collection = await self._core.collection(collection_id)
+        rows = await self._core.list_subjects(collection, after, size + 1)
+        page = rows[:size]
+        subjects = [
+            convert.subject_message(
+                collection_id, row, await self._core.subject_face_count(collection, row.subject_id)
+            )
+            for row in page
+        ]
+        token = (
+            convert.encode_page_token(page[-1].subject_id, fingerprint) if len(rows) > size else ""
+        )
+        return S.SearchServiceListSubjectsResponse(subjects=subjects, next_page_token=token)
+
+    async def DeleteSubject(  # noqa: N802
+        self, request: S.SearchServiceDeleteSubjectRequest, context: Context
+    ) -> S.SearchServiceDeleteSubjectResponse:
+        name = names.parse_subject(request.name)
+        collection = await self._core.collection(name.collection)
+        deleted = await self._core.delete_subject(collection, name.subject_id, request.force)
+        return S.SearchServiceDeleteSubjectResponse(deleted_face_count=deleted)
+
+    async def AssociateFaces(  # noqa: N802
+        self, request: S.SearchServiceAssociateFacesRequest, context: Context
+    ) -> S.SearchServiceAssociateFacesResponse:
+        subject = await self._change_subject(request.subject, list(request.faces), True)
+        return S.SearchServiceAssociateFacesResponse(subject=subject)
+
+    async def DisassociateFaces(  # noqa: N802
+        self, request: S.SearchServiceDisassociateFacesRequest, context: Context
+    ) -> S.SearchServiceDisassociateFacesResponse:
+        subject = await self._change_subject(request.subject, list(request.faces), False)
+        return S.SearchServiceDisassociateFacesResponse(subject=subject)
+
+    async def _change_subject(
+        self, subject_name: str, face_names: list[str], associate: bool
+    ) -> resources_pb2.Subject:
+        name = names.parse_subject(subject_name, "subject")
+        if not 1 <= len(face_names) <= MAX_ASSOCIATE_FACES:
+            raise invalid_argument("faces", f"1 to {MAX_ASSOCIATE_FACES} face names")
+        faces = [
+            names.parse_face(n, f"faces[{i}]", name.collection) for i, n in enumerate(face_names)
+        ]
+        collection = await self._core.collection(name.collection)
+        await self._core.set_subject(collection, name.subject_id, faces, associate)
+        return await self._subject_message(collection, name.subject_id)
+
+    # ---------------------------------------------------------------- search
+
+    async def SearchFaces(  # noqa: N802
+        self, request: S.SearchServiceSearchFacesRequest, context: Context
+    ) -> S.SearchServiceSearchFacesResponse:
+        collection_id = names.parse_collection(request.parent, "parent")
+        count = len(request.queries)
+        if not 1 <= count <= MAX_QUERIES:
+            raise invalid_argument("queries", f"1 to {MAX_QUERIES} queries, got {count}")
+        top_k = request.top_k or DEFAULT_TOP_K
+        if not 1 <= top_k <= MAX_TOP_K:
+            raise invalid_argument("top_k", f"must be 1 to {MAX_TOP_K}, got {request.top_k}")
+        if not (math.isfinite(request.min_similarity) and 0 <= request.min_similarity <= 100):
+            raise invalid_argument("min_similarity", "must be 0 to 100")
+        face_filter = convert.face_filter(request.filter)
+        collection = await self._core.collection(collection_id)
+        spec = collection.spec
+        if request.model_version != spec.model_version:
+            raise failed_precondition(
+                "MODEL_VERSION",
+                names.collection_name(collection_id),
+                f"queries are of model {request.model_version!r}; "
+                f"the collection holds {spec.model_version!r}",
+            )
+        queries = convert.unit_vectors(list(request.queries), spec.dimension, "queries")
+        results = await self._core.search(
+            collection,
+            queries,
+            top_k,
+            face_filter,
+            request.group_by_subject,
+            self._settings.store.hnsw_ef_search,
+        )
+        return S.SearchServiceSearchFacesResponse(
+            results=[
+                S.SearchServiceSearchFacesResponse.QueryResult(
+                    matches=self._matches(
+                        collection_id, spec, matches, collection.calibration, request
+                    )
+                )
+                for matches in results
+            ],
+            model_version=spec.model_version,
+        )
+
+    @staticmethod
+    def _matches(
+        collection_id: str,
+        spec: CollectionSpec,
+        matches: list[Match],
+        calibration: Calibration,
+        request: S.SearchServiceSearchFacesRequest,
+    ) -> list[resources_pb2.FaceMatch]:
+        out = []
+        for match in matches:
+            similarity = calibration.similarity(match.cosine)
+            if similarity < request.min_similarity:
+                continue
+            out.append(
+                resources_pb2.FaceMatch(
+                    face=convert.face_message(collection_id, match.row),
+                    similarity=similarity,
+                    cosine_similarity=match.cosine,
+                    distance=math.sqrt(max(0.0, 2.0 - 2.0 * match.cosine)),
+                    threshold_applied=request.min_similarity,
+                    model_version=spec.model_version,
+                )
+            )
+        return out
+
+
+async def serve(settings: Settings) -> None:
+    core = SearchCore(settings.store)
+    await core.open()
+    servicer = SearchServicer(settings, core)
+    server = FacegridServer(
+        "search",
+        [
+            ServiceRegistration(
+                search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name,
+                lambda s: search_pb2_grpc.add_SearchServiceServicer_to_server(servicer, s),
+            )
+        ],
+        settings.server,
+        settings.search.port,
+        settings.search.max_concurrent_rpcs,
+    )
+    await run_until_stopped(server, core.close)

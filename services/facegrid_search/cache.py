@@ -1,0 +1,254 @@
+"""An in-memory, exact copy of one collection's faces, for fast search on one machine.
+
+Milvus Lite answers a search in about 0.42 ms per 1,000 stored rows (it scans rows in
+Python), so 100,000 faces cost 45-125 ms a query. This cache keeps the embeddings in
+one contiguous float32 matrix and the filterable fields in parallel arrays, and answers
+with one matrix product: exact, with or without filters. Milvus stays the system of
+record: every write goes to Milvus first and is applied here only once Milvus has
+acknowledged it, and the cache is rebuilt from Milvus at start-up.
+
+Rows are kept dense: a delete moves the last row into the hole.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from facegrid_search.records import ALL_FACES, FaceFilter, FaceRow, Match, Vectors
+
+_NO_CODE = -1
+
+
+class _Codes:
+    """Interns strings (subject ids, source ids, ...) as small integers for masks."""
+
+    def __init__(self) -> None:
+        self._codes: dict[str, int] = {"": 0}
+
+    def code(self, value: str) -> int:
+        found = self._codes.get(value)
+        if found is None:
+            found = len(self._codes)
+            self._codes[value] = found
+        return found
+
+    def lookup(self, values: Iterable[str]) -> list[int]:
+        return [self._codes.get(v, _NO_CODE) for v in values]
+
+
+class FaceCache:
+    def __init__(self, dimension: int, capacity: int = 1024) -> None:
+        self.dimension = dimension
+        self._vectors: NDArray[np.float32] = np.zeros((capacity, dimension), np.float32)
+        self._subject: NDArray[np.int64] = np.zeros(capacity, np.int64)
+        self._source: NDArray[np.int64] = np.zeros(capacity, np.int64)
+        self._external: NDArray[np.int64] = np.zeros(capacity, np.int64)
+        self._image: NDArray[np.int64] = np.zeros(capacity, np.int64)
+        self._time: NDArray[np.int64] = np.zeros(capacity, np.int64)
+        self._rows: list[FaceRow] = []
+        self._index: dict[str, int] = {}
+        self._codes = _Codes()
+        self._sorted_ids: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, face_id: object) -> bool:
+        return face_id in self._index
+
+    # ---------------------------------------------------------------- writes
+
+    def upsert(self, rows: Sequence[FaceRow], vectors: Vectors) -> None:
+        for row, vector in zip(rows, vectors, strict=True):
+            position = self._index.get(row.face_id)
+            if position is None:
+                position = len(self._rows)
+                self._grow(position + 1)
+                self._rows.append(row)
+                self._index[row.face_id] = position
+                self._sorted_ids = None
+            else:
+                self._rows[position] = row
+            self._vectors[position] = vector
+            self._set_fields(position, row)
+
+    def delete(self, face_ids: Iterable[str]) -> int:
+        removed = 0
+        for face_id in face_ids:
+            position = self._index.pop(face_id, None)
+            if position is None:
+                continue
+            last = len(self._rows) - 1
+            if position != last:
+                moved = self._rows[last]
+                self._rows[position] = moved
+                self._index[moved.face_id] = position
+                for array in self._arrays():
+                    array[position] = array[last]
+            self._rows.pop()
+            removed += 1
+        if removed:
+            self._sorted_ids = None
+        return removed
+
+    def set_subject(self, face_ids: Iterable[str], subject_id: str) -> None:
+        code = self._codes.code(subject_id)
+        for face_id in face_ids:
+            position = self._index[face_id]
+            self._rows[position].subject_id = subject_id
+            self._subject[position] = code
+
+    def _set_fields(self, position: int, row: FaceRow) -> None:
+        self._subject[position] = self._codes.code(row.subject_id)
+        self._source[position] = self._codes.code(row.source_id)
+        self._external[position] = self._codes.code(row.external_image_id)
+        self._image[position] = self._codes.code(row.image_id)
+        self._time[position] = row.create_time_us
+
+    def _arrays(self) -> list[NDArray[np.generic]]:
+        return [self._vectors, self._subject, self._source, self._external, self._image, self._time]
+
+    def _grow(self, needed: int) -> None:
+        capacity = self._vectors.shape[0]
+        if needed <= capacity:
+            return
+        new_capacity = max(needed, capacity * 2)
+        self._vectors = _resized(self._vectors, new_capacity)
+        self._subject = _resized(self._subject, new_capacity)
+        self._source = _resized(self._source, new_capacity)
+        self._external = _resized(self._external, new_capacity)
+        self._image = _resized(self._image, new_capacity)
+        self._time = _resized(self._time, new_capacity)
+
+    # ---------------------------------------------------------------- reads
+
+    def get(self, face_id: str) -> tuple[FaceRow, Vectors] | None:
+        position = self._index.get(face_id)
+        if position is None:
+            return None
+        return self._rows[position], self._vectors[position].copy()
+
+    def count(self, face_filter: FaceFilter = ALL_FACES) -> int:
+        if face_filter.is_empty():
+            return len(self._rows)
+        return int(np.count_nonzero(self._mask(face_filter)))
+
+    def count_by_subject(self, subject_id: str) -> int:
+        (code,) = self._codes.lookup([subject_id])
+        return int(np.count_nonzero(self._subject[: len(self._rows)] == code))
+
+    def ids_for_subject(self, subject_id: str) -> list[str]:
+        (code,) = self._codes.lookup([subject_id])
+        positions = np.flatnonzero(self._subject[: len(self._rows)] == code)
+        return [self._rows[p].face_id for p in positions]
+
+    def matching_ids(self, face_filter: FaceFilter) -> list[str]:
+        positions = np.flatnonzero(self._mask(face_filter))
+        return [self._rows[p].face_id for p in positions]
+
+    def page(self, face_filter: FaceFilter, after: str, limit: int) -> tuple[list[FaceRow], bool]:
+        """Up to ``limit`` matching faces with ids after ``after``, by id; and whether more."""
+        ids = self._ordered_ids()
+        start = bisect.bisect_right(ids, after) if after else 0
+        out: list[FaceRow] = []
+        for face_id in ids[start:]:
+            row = self._rows[self._index[face_id]]
+            if face_filter.matches(row):
+                if len(out) == limit:
+                    return out, True
+                out.append(row)
+        return out, False
+
+    def _ordered_ids(self) -> list[str]:
+        if self._sorted_ids is None:
+            self._sorted_ids = sorted(self._index)
+        return self._sorted_ids
+
+    def search(
+        self,
+        queries: Vectors,
+        top_k: int,
+        face_filter: FaceFilter,
+        group_by_subject: bool = False,
+    ) -> list[list[Match]]:
+        """Exact top-k by inner product (cosine for unit vectors), best first."""
+        count = len(self._rows)
+        if count == 0:
+            return [[] for _ in range(len(queries))]
+        if group_by_subject:
+            face_filter = _with_subject(face_filter)
+        mask = None if face_filter.is_empty() else self._mask(face_filter)
+        vectors = self._vectors[:count]
+        scores = queries @ vectors.T  # (Q, N)
+        if mask is not None:
+            scores[:, ~mask] = -np.inf
+        results = []
+        for row_scores in scores:
+            if group_by_subject:
+                best = self._best_per_subject(row_scores, top_k)
+            else:
+                best = _top_positions(row_scores, top_k)
+            positions = _sorted_by_score_then_id(best, row_scores, self._rows)
+            results.append([Match(self._rows[p], float(row_scores[p])) for p in positions])
+        return results
+
+    def _best_per_subject(self, scores: NDArray[np.float32], top_k: int) -> NDArray[np.intp]:
+        order = np.argsort(-scores, kind="stable")
+        order = order[np.isfinite(scores[order])]
+        _, first = np.unique(self._subject[order], return_index=True)
+        best: NDArray[np.intp] = order[np.sort(first)]  # each subject's best, in score order
+        return best[:top_k]
+
+    def _mask(self, face_filter: FaceFilter) -> NDArray[np.bool_]:
+        count = len(self._rows)
+        mask = np.ones(count, bool)
+        for array, values in (
+            (self._subject, face_filter.subject_ids),
+            (self._source, face_filter.source_ids),
+            (self._external, face_filter.external_image_ids),
+            (self._image, face_filter.image_ids),
+        ):
+            if values:
+                mask &= np.isin(array[:count], self._codes.lookup(values))
+        if face_filter.start_time_us is not None:
+            mask &= self._time[:count] >= face_filter.start_time_us
+        if face_filter.end_time_us is not None:
+            mask &= self._time[:count] < face_filter.end_time_us
+        if face_filter.has_subject is not None:
+            has = self._subject[:count] != 0  # code 0 is the empty string
+            mask &= has if face_filter.has_subject else ~has
+        return mask
+
+
+def _with_subject(face_filter: FaceFilter) -> FaceFilter:
+    from dataclasses import replace
+
+    return replace(face_filter, has_subject=True)
+
+
+def _top_positions(scores: NDArray[np.float32], top_k: int) -> NDArray[np.intp]:
+    """Positions of the ``top_k`` highest finite scores (unordered)."""
+    k = min(top_k, len(scores))
+    candidates = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(k)
+    selected: NDArray[np.intp] = candidates[np.isfinite(scores[candidates])]
+    return selected
+
+
+def _sorted_by_score_then_id(
+    positions: NDArray[np.intp], scores: NDArray[np.float32], rows: list[FaceRow]
+) -> list[int]:
+    return sorted((int(p) for p in positions), key=lambda p: (-scores[p], rows[p].face_id))
+
+
+_A = TypeVar("_A", bound=np.generic)
+
+
+def _resized(array: NDArray[_A], rows: int) -> NDArray[_A]:
+    out: NDArray[_A] = np.zeros((rows, *array.shape[1:]), array.dtype)
+    out[: array.shape[0]] = array
+    return out

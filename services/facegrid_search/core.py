@@ -1,0 +1,357 @@
+"""The search service's logic on plain records: Milvus first, then the cache.
+
+Writes to one collection are serialised by a lock, go to Milvus, and only once Milvus
+has acknowledged them are applied to the in-memory cache (when there is one), so the
+cache never holds what Milvus does not. Reads come from the cache when there is one,
+else from Milvus. Milvus calls run in one worker thread: pymilvus is synchronous, and
+Milvus Lite is not meant to be called from several threads at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from facegrid.config import SearchCache, StoreSettings
+from facegrid.errors import already_exists, failed_precondition, not_found
+from facegrid.similarity import Calibration
+
+from facegrid_search.cache import FaceCache
+from facegrid_search.convert import calibration_of
+from facegrid_search.names import FaceName, collection_name
+from facegrid_search.records import (
+    CollectionSpec,
+    FaceFilter,
+    FaceRow,
+    Match,
+    SubjectRow,
+    Vectors,
+)
+from facegrid_search.store import MilvusStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# Milvus search returns at most this many hits; subject grouping on a server draws
+# candidates from this many faces.
+SERVER_GROUP_CANDIDATES = 16_384
+
+
+@dataclass
+class Collection:
+    spec: CollectionSpec
+    cache: FaceCache | None
+    lock: asyncio.Lock
+    calibration: Calibration = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.calibration = calibration_of(self.spec)
+
+
+class SearchCore:
+    def __init__(self, settings: StoreSettings) -> None:
+        self.settings = settings
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="milvus")
+        self.store: MilvusStore | None = None
+        self._collections: dict[str, Collection] = {}
+        self._registry_lock = asyncio.Lock()
+
+    @property
+    def cached(self) -> bool:
+        assert self.store is not None
+        if self.settings.cache is SearchCache.AUTO:
+            return self.store.is_lite
+        return self.settings.cache is SearchCache.ON
+
+    async def _milvus(self, call: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, call, *args)
+
+    async def open(self) -> None:
+        """Connect to Milvus and, when caching, rebuild every collection's cache from it."""
+        self.store = await self._milvus(MilvusStore, self.settings)
+        for spec in await self._milvus(self.store.list_specs):
+            self._collections[spec.collection_id] = await self._load(spec)
+
+    async def _load(self, spec: CollectionSpec) -> Collection:
+        await self._milvus(self._store().load, spec.collection_id)
+        cache = None
+        if self.cached:
+            assert self.store is not None
+            cache = FaceCache(spec.dimension)
+            batches = await self._milvus(
+                lambda: list(self.store.iterate_faces(spec.collection_id))  # type: ignore[union-attr]
+            )
+            for rows, vectors in batches:
+                cache.upsert(rows, vectors)
+            log.info("cached %d faces of %s", len(cache), spec.collection_id)
+        return Collection(spec, cache, asyncio.Lock())
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self._milvus(self.store.close)
+        self._executor.shutdown(wait=True)
+
+    def _store(self) -> MilvusStore:
+        assert self.store is not None
+        return self.store
+
+    # ---------------------------------------------------------------- collections
+
+    async def collection(self, collection_id: str) -> Collection:
+        if not self.cached:
+            # A Milvus server may be shared by several replicas: its registry is the truth.
+            spec = await self._milvus(self._store().get_spec, collection_id)
+            if spec is None:
+                self._collections.pop(collection_id, None)
+            elif collection_id not in self._collections:
+                self._collections[collection_id] = await self._load(spec)
+        found = self._collections.get(collection_id)
+        if found is None:
+            raise not_found("facegrid.v1.Collection", collection_name(collection_id))
+        return found
+
+    async def create_collection(self, spec: CollectionSpec) -> None:
+        async with self._registry_lock:
+            store = self._store()
+            registered = await self._milvus(store.get_spec, spec.collection_id)
+            if spec.collection_id in self._collections or registered is not None:
+                raise already_exists("facegrid.v1.Collection", collection_name(spec.collection_id))
+            await self._milvus(store.create_collection, spec)
+            cache = FaceCache(spec.dimension) if self.cached else None
+            self._collections[spec.collection_id] = Collection(spec, cache, asyncio.Lock())
+
+    async def list_specs(self) -> list[CollectionSpec]:
+        if self.cached:
+            return sorted(
+                (c.spec for c in self._collections.values()), key=lambda s: s.collection_id
+            )
+        return await self._milvus(self._store().list_specs)
+
+    async def counts(self, collection: Collection) -> tuple[int, int]:
+        store = self._store()
+        collection_id = collection.spec.collection_id
+        faces = (
+            len(collection.cache)
+            if collection.cache is not None
+            else await self._milvus(store.count_faces, collection_id)
+        )
+        subjects = await self._milvus(store.count_subjects, collection_id)
+        return faces, subjects
+
+    async def delete_collection(self, collection_id: str, force: bool) -> int:
+        async with self._registry_lock:
+            collection = await self.collection(collection_id)
+            async with collection.lock:
+                faces, subjects = await self.counts(collection)
+                if (faces or subjects) and not force:
+                    raise failed_precondition(
+                        "NOT_EMPTY",
+                        collection_name(collection_id),
+                        f"{collection_name(collection_id)} holds {faces} faces and "
+                        f"{subjects} subjects; delete them first or set force",
+                    )
+                await self._milvus(self._store().drop_collection, collection_id)
+                self._collections.pop(collection_id, None)
+                return faces
+
+    # ---------------------------------------------------------------- faces
+
+    async def face_rows(
+        self, collection: Collection, face_ids: list[str], with_vectors: bool = False
+    ) -> dict[str, tuple[FaceRow, Vectors | None]]:
+        if collection.cache is not None:
+            out: dict[str, tuple[FaceRow, Vectors | None]] = {}
+            for face_id in face_ids:
+                found = collection.cache.get(face_id)
+                if found is not None:
+                    out[face_id] = (found[0], found[1] if with_vectors else None)
+            return out
+        return await self._milvus(
+            self._store().get_faces, collection.spec.collection_id, face_ids, with_vectors
+        )
+
+    async def upsert_faces(
+        self, collection: Collection, rows: list[FaceRow], vectors: Vectors
+    ) -> None:
+        async with collection.lock:
+            subjects = {row.subject_id for row in rows if row.subject_id}
+            for subject_id in sorted(subjects):
+                await self.subject(collection, subject_id)
+            await self._milvus(
+                self._store().upsert_faces, collection.spec.collection_id, rows, vectors
+            )
+            if collection.cache is not None:
+                collection.cache.upsert(rows, vectors)
+
+    async def delete_faces(self, collection: Collection, face_ids: list[str]) -> None:
+        async with collection.lock:
+            await self._delete_faces_locked(collection, face_ids)
+
+    async def _delete_faces_locked(self, collection: Collection, face_ids: list[str]) -> None:
+        if not face_ids:
+            return
+        await self._milvus(self._store().delete_faces, collection.spec.collection_id, face_ids)
+        if collection.cache is not None:
+            collection.cache.delete(face_ids)
+
+    async def matching_ids(self, collection: Collection, face_filter: FaceFilter) -> list[str]:
+        if collection.cache is not None:
+            return sorted(collection.cache.matching_ids(face_filter))
+        return await self._milvus(
+            self._store().face_ids, collection.spec.collection_id, face_filter, ""
+        )
+
+    async def page(
+        self, collection: Collection, face_filter: FaceFilter, after: str, limit: int
+    ) -> tuple[list[FaceRow], bool]:
+        if collection.cache is not None:
+            return collection.cache.page(face_filter, after, limit)
+        store = self._store()
+        collection_id = collection.spec.collection_id
+        ids = await self._milvus(store.face_ids, collection_id, face_filter, after)
+        chosen = ids[:limit]
+        found = await self._milvus(store.get_faces, collection_id, chosen, False)
+        return [found[i][0] for i in chosen if i in found], len(ids) > limit
+
+    async def search(
+        self,
+        collection: Collection,
+        queries: Vectors,
+        top_k: int,
+        face_filter: FaceFilter,
+        group_by_subject: bool,
+        ef_search: int,
+    ) -> list[list[Match]]:
+        if collection.cache is not None:
+            return collection.cache.search(queries, top_k, face_filter, group_by_subject)
+        return await self._server_search(
+            collection, queries, top_k, face_filter, group_by_subject, ef_search
+        )
+
+    async def _server_search(
+        self,
+        collection: Collection,
+        queries: Vectors,
+        top_k: int,
+        face_filter: FaceFilter,
+        group_by_subject: bool,
+        ef_search: int,
+    ) -> list[list[Match]]:
+        from dataclasses import replace
+
+        store = self._store()
+        collection_id = collection.spec.collection_id
+        limit = top_k
+        if group_by_subject:
+            face_filter = replace(face_filter, has_subject=True)
+            limit = SERVER_GROUP_CANDIDATES
+        hits = await self._milvus(
+            store.search, collection_id, queries, limit, face_filter, ef_search
+        )
+        wanted = sorted({face_id for query in hits for face_id, _ in query})
+        rows = await self._milvus(store.get_faces, collection_id, wanted, False)
+        results = []
+        for query in hits:
+            matches = [
+                Match(rows[face_id][0], score) for face_id, score in query if face_id in rows
+            ]
+            matches.sort(key=lambda m: (-m.cosine, m.row.face_id))
+            if group_by_subject:
+                seen: set[str] = set()
+                grouped = []
+                for match in matches:
+                    if match.row.subject_id not in seen:
+                        seen.add(match.row.subject_id)
+                        grouped.append(match)
+                matches = grouped
+            results.append(matches[:top_k])
+        return results
+
+    # ---------------------------------------------------------------- subjects
+
+    async def subject(self, collection: Collection, subject_id: str) -> SubjectRow:
+        found = await self._milvus(
+            self._store().get_subject, collection.spec.collection_id, subject_id
+        )
+        if found is None:
+            name = f"collections/{collection.spec.collection_id}/subjects/{subject_id}"
+            raise not_found("facegrid.v1.Subject", name)
+        return found
+
+    async def subject_face_count(self, collection: Collection, subject_id: str) -> int:
+        if collection.cache is not None:
+            return collection.cache.count_by_subject(subject_id)
+        return await self._milvus(
+            self._store().count_faces,
+            collection.spec.collection_id,
+            FaceFilter(subject_ids=(subject_id,)),
+        )
+
+    async def create_subject(self, collection: Collection, subject: SubjectRow) -> None:
+        async with collection.lock:
+            existing = await self._milvus(
+                self._store().get_subject, collection.spec.collection_id, subject.subject_id
+            )
+            if existing is not None:
+                name = f"collections/{collection.spec.collection_id}/subjects/{subject.subject_id}"
+                raise already_exists("facegrid.v1.Subject", name)
+            await self._milvus(self._store().upsert_subject, collection.spec.collection_id, subject)
+
+    async def list_subjects(
+        self, collection: Collection, after: str, limit: int
+    ) -> list[SubjectRow]:
+        return await self._milvus(
+            self._store().list_subjects, collection.spec.collection_id, after, limit
+        )
+
+    async def delete_subject(self, collection: Collection, subject_id: str, force: bool) -> int:
+        async with collection.lock:
+            await self.subject(collection, subject_id)
+            face_ids = await self.matching_ids(collection, FaceFilter(subject_ids=(subject_id,)))
+            if face_ids and not force:
+                name = f"collections/{collection.spec.collection_id}/subjects/{subject_id}"
+                raise failed_precondition(
+                    "NOT_EMPTY", name, f"{name} has {len(face_ids)} faces; set force to delete them"
+                )
+            # Faces first: a crash in between leaves a subject without faces, never faces
+            # of a deleted subject.
+            await self._delete_faces_locked(collection, face_ids)
+            await self._milvus(
+                self._store().delete_subject, collection.spec.collection_id, subject_id
+            )
+            return len(face_ids)
+
+    async def set_subject(
+        self, collection: Collection, subject_id: str, faces: list[FaceName], associate: bool
+    ) -> None:
+        """Associate (or disassociate) faces with a subject, all or nothing."""
+        async with collection.lock:
+            await self.subject(collection, subject_id)
+            face_ids = [f.face_id for f in faces]
+            rows = await self.face_rows(collection, face_ids)
+            for face in faces:
+                if face.face_id not in rows:
+                    raise not_found("facegrid.v1.Face", str(face))
+            to_change = []
+            for face in faces:
+                current = rows[face.face_id][0].subject_id
+                if current and current != subject_id:
+                    raise failed_precondition(
+                        "OTHER_SUBJECT",
+                        str(face),
+                        f"{face} belongs to subject {current!r}; disassociate it first",
+                    )
+                if associate and current != subject_id:
+                    to_change.append(face.face_id)
+                if not associate and current == subject_id:
+                    to_change.append(face.face_id)
+            target = subject_id if associate else ""
+            await self._milvus(
+                self._store().set_subject, collection.spec.collection_id, to_change, target
+            )
+            if collection.cache is not None:
+                collection.cache.set_subject(to_change, target)
