@@ -5,13 +5,14 @@
 PYTHON ?= python3
 VENV := .venv
 TRITON_VENV := .venv-triton
+MILVUS_VENV := .venv-milvus
 BIN := $(VENV)/bin
 MODEL_REPO ?= model_repository
 PROTO_FILES := $(wildcard protos/facegrid/v1/*.proto)
 GEN_DIR := services/facegrid/v1
 PYTEST_ARGS ?=
 
-.PHONY: all up test lint protos models venv triton-venv clean buf-lint typecheck format
+.PHONY: all up test lint protos models venv triton-venv milvus-venv clean buf-lint format
 
 all: venv protos models
 
@@ -29,12 +30,20 @@ $(TRITON_VENV)/.installed: requirements/triton.txt
 	$(TRITON_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/triton.txt
 	touch $@
 
+# A real Milvus 2.3 standalone server for the tests (the `milvus` PyPI package).
+$(MILVUS_VENV)/.installed: requirements/milvus.txt
+	$(PYTHON) -m venv $(MILVUS_VENV)
+	$(MILVUS_VENV)/bin/pip install --quiet --disable-pip-version-check pip==25.3
+	$(MILVUS_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/milvus.txt
+	touch $@
+
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 venv: $(BIN)/.installed
 triton-venv: $(TRITON_VENV)/.installed
+milvus-venv: $(MILVUS_VENV)/.installed
 
 # --- generated code -----------------------------------------------------------
 $(GEN_DIR)/.generated: $(PROTO_FILES) $(BIN)/.installed
@@ -68,8 +77,8 @@ format: venv
 	$(BIN)/ruff format services tests loadtest
 	$(BIN)/ruff check --fix services tests loadtest
 
-test: venv triton-venv protos models lint
+test: venv triton-venv milvus-venv protos models lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) $(GEN_DIR) $(MODEL_REPO) node_modules build .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(TRITON_VENV) $(MILVUS_VENV) $(GEN_DIR) $(MODEL_REPO) node_modules build .mypy_cache .ruff_cache .pytest_cache

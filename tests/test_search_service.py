@@ -15,11 +15,10 @@ import grpc
 import numpy as np
 import pytest
 from conftest import ServiceProcess, start_service
+from facegrid.v1 import common_pb2, resources_pb2, search_pb2, search_pb2_grpc
 from google.protobuf import timestamp_pb2
 from grpc_helpers import DEADLINE_S, error_reason, field_violations, is_serving, rpc_error
 from numpy.typing import NDArray
-
-from facegrid.v1 import common_pb2, resources_pb2, search_pb2, search_pb2_grpc
 
 S = search_pb2
 DIM = 128
@@ -356,7 +355,8 @@ def test_min_similarity_cuts_and_is_reported(
 ) -> None:
     query = gallery.vectors[3]
     matches = gallery.search(query, top_k=50, min_similarity=20.0)
-    assert matches and all(m.similarity >= 20.0 for m in matches)
+    assert matches
+    assert all(m.similarity >= 20.0 for m in matches)
     assert all(m.threshold_applied == pytest.approx(20.0) for m in matches)
 
 
@@ -495,7 +495,8 @@ def test_purge_by_filter_counts_then_deletes(search: search_pb2_grpc.SearchServi
         purge.force = True
         assert search.PurgeFaces(purge, timeout=DEADLINE_S).purge_count == 10
         left = made.search(made.vectors[0], top_k=30)
-        assert all(m.face.source_id != "cam-0" for m in left) and len(left) == 20
+        assert all(m.face.source_id != "cam-0" for m in left)
+        assert len(left) == 20
         empty = rpc_error(
             lambda: search.PurgeFaces(
                 S.SearchServicePurgeFacesRequest(parent=made.name, force=True), timeout=DEADLINE_S

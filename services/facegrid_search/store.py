@@ -107,7 +107,10 @@ class MilvusStore:
         return sorted((_spec(row) for row in rows), key=lambda s: s.collection_id)
 
     def get_spec(self, collection_id: str) -> CollectionSpec | None:
-        # Session: collections change rarely, and a Strong read costs ~200 ms per call.
+        # has_collection is a metadata call that sees a drop at once on a server, where a
+        # Session read can still return a deleted row; Strong would cost 200 ms a call.
+        if not self.client.has_collection(faces_collection(collection_id)):
+            return None
         rows = self.client.get(
             REGISTRY,
             ids=[collection_id],
@@ -268,7 +271,9 @@ class MilvusStore:
             search_params=params,
             consistency_level=self._consistency,
         )
-        return [[(hit["id"], float(hit["distance"])) for hit in hits] for hits in results]
+        # The hit's own id key differs (Lite: the field name, server: "id"); the output
+        # field is the same on both.
+        return [[(hit["face_id"], float(hit["distance"])) for hit in hits] for hits in results]
 
     def set_subject(self, collection_id: str, face_ids: Sequence[str], subject_id: str) -> None:
         found = self.get_faces(collection_id, face_ids, with_vectors=True)
