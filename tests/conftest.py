@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from facegrid.launcher import wait_healthy
 from facegrid.models.repository import TritonBackend, build_repository
-from facegrid.triton_server import TritonInstall, TritonServer, free_port
+from facegrid.processes import free_port
+from facegrid.triton_server import TritonInstall, TritonServer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRITON_VENV = PROJECT_ROOT / ".venv-triton"
@@ -78,7 +79,9 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def start_service(name: str, overrides: list[str], work_dir: Path) -> ServiceProcess:
+def start_service(
+    name: str, overrides: list[str], work_dir: Path, timeout_s: float = 120.0
+) -> ServiceProcess:
     """Run ``facegrid serve NAME`` as its own process and wait until it is healthy."""
     port = free_port()
     log_path = work_dir / f"{name}-{port}.log"
@@ -89,7 +92,7 @@ def start_service(name: str, overrides: list[str], work_dir: Path) -> ServicePro
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     service = ServiceProcess(name, f"127.0.0.1:{port}", process, log_path)
     try:
-        wait_healthy(service.address, 120.0, process)
+        wait_healthy(service.address, timeout_s, process)
     except BaseException:
         service.stop()
         raise RuntimeError(f"{name} did not start:\n{service.log()}") from None

@@ -360,6 +360,35 @@ def test_min_similarity_cuts_and_is_reported(
     assert all(m.threshold_applied == pytest.approx(20.0) for m in matches)
 
 
+@pytest.mark.parametrize(
+    ("face_filter", "field"),
+    [
+        (resources_pb2.FaceFilter(source_ids=['cam" or 1==1']), "filter.source_ids[0]"),
+        (resources_pb2.FaceFilter(subject_ids=[""]), "filter.subject_ids[0]"),
+        (resources_pb2.FaceFilter(image_ids=["not-a-uuid"]), "filter.image_ids[0]"),
+    ],
+)
+def test_invalid_filters(
+    search: search_pb2_grpc.SearchServiceStub,
+    gallery: Gallery,
+    face_filter: resources_pb2.FaceFilter,
+    field: str,
+) -> None:
+    error = rpc_error(
+        lambda: search.SearchFaces(
+            S.SearchServiceSearchFacesRequest(
+                parent=gallery.name,
+                queries=[embedding(gallery.vectors[0])],
+                model_version=MODEL,
+                filter=face_filter,
+            ),
+            timeout=DEADLINE_S,
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in field_violations(error)
+
+
 def test_model_version_mismatch(
     search: search_pb2_grpc.SearchServiceStub, gallery: Gallery
 ) -> None:

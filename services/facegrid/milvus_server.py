@@ -35,6 +35,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from facegrid.processes import free_ports, signal_group
+
 log = logging.getLogger(__name__)
 
 # The component ports of the wheel's config template (keys ending in ``_port``).
@@ -79,17 +81,6 @@ print(json.dumps({"binary": os.path.join(config.base_data_dir, "bin", "milvus"),
 
 class MilvusStartError(RuntimeError):
     """The server could not be prepared, exited, or did not become ready in time."""
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free ports on 127.0.0.1 (all held open together so none repeats)."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind(("127.0.0.1", 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
 
 
 @dataclass
@@ -259,14 +250,14 @@ class MilvusServer:
             return
         atexit.unregister(self.stop)
         if process.poll() is None:
-            _signal_group(process, signal.SIGTERM)
+            signal_group(process, signal.SIGTERM)
             try:
                 process.wait(timeout=self.stop_timeout_s)
             except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
+                signal_group(process, signal.SIGKILL)
                 process.wait(timeout=30)
         else:
-            _signal_group(process, signal.SIGKILL)  # anything a crashed server left
+            signal_group(process, signal.SIGKILL)  # anything a crashed server left
         _remove_machine_files(process.pid)
 
     def kill(self) -> None:
@@ -275,7 +266,7 @@ class MilvusServer:
         if process is None:
             return
         atexit.unregister(self.stop)
-        _signal_group(process, signal.SIGKILL)
+        signal_group(process, signal.SIGKILL)
         process.wait(timeout=30)
         _remove_machine_files(process.pid)
 
@@ -380,12 +371,6 @@ def _get(url: str) -> str:
             return str(response.read().decode("utf-8", errors="replace"))
     except (urllib.error.URLError, OSError):
         return ""
-
-
-def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    # The server runs in its own session: signal the group so nothing it started survives.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, sig)
 
 
 def _servers_in(base_dir: Path) -> list[int]:

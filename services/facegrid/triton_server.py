@@ -10,17 +10,17 @@ stop removes its shared-memory regions.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from facegrid.processes import free_port, signal_group
 
 PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 SHM_DIR = Path("/dev/shm")
@@ -85,12 +85,6 @@ class TritonInstall:
         stub = self.package_dir / "python_backend_stubs" / self.python_version
         shutil.copy2(stub / "triton_python_backend_stub", python_dir / "triton_python_backend_stub")
         return target
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -197,14 +191,14 @@ class TritonServer:
     def stop(self, timeout_s: float = 10.0) -> None:
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
-            _signal_group(process, signal.SIGTERM)
+            signal_group(process, signal.SIGTERM)
             try:
                 process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
+                signal_group(process, signal.SIGKILL)
                 process.wait(timeout=timeout_s)
         elif process is not None:
-            _signal_group(process, signal.SIGKILL)  # stubs left behind by a crashed server
+            signal_group(process, signal.SIGKILL)  # stubs left behind by a crashed server
         self.remove_shm_regions()
 
     def remove_shm_regions(self) -> None:
@@ -221,9 +215,3 @@ class TritonServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    # The server runs in its own session: signal the group so python-backend stubs go too.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, sig)
