@@ -12,11 +12,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "FACEGRID_"
 ENV_NESTED_DELIMITER = "__"
+
+
+class Section(BaseModel):
+    """A settings section: unknown fields are errors, so a misspelt variable is caught."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class InferenceBackendKind(StrEnum):
@@ -24,7 +30,7 @@ class InferenceBackendKind(StrEnum):
     TRITON = "triton"
 
 
-class InferenceSettings(BaseModel):
+class InferenceSettings(Section):
     backend: InferenceBackendKind = Field(
         InferenceBackendKind.LOCAL,
         description="'local' runs the ONNX models in-process with onnxruntime; "
@@ -46,7 +52,7 @@ class InferenceSettings(BaseModel):
     embedder_model: str = Field("face_embedder", description="Model name of the face embedder.")
 
 
-class ImageLimits(BaseModel):
+class ImageLimits(Section):
     max_bytes: int = Field(
         15 * 1024 * 1024, gt=0, description="Largest accepted encoded image, in bytes."
     )
@@ -67,7 +73,7 @@ class ImageLimits(BaseModel):
     )
 
 
-class DetectionSettings(BaseModel):
+class DetectionSettings(Section):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port of the detection service.")
     min_confidence: float = Field(
         0.0, description="Default minimum detector score (dlib MMOD scale; 0 is dlib's default)."
@@ -80,7 +86,7 @@ class DetectionSettings(BaseModel):
     )
 
 
-class EmbeddingSettings(BaseModel):
+class EmbeddingSettings(Section):
     port: int = Field(50052, ge=0, le=65535, description="gRPC port of the embedding service.")
     max_batch: int = Field(
         32, gt=0, description="Most chips sent to the model in one inference call."
@@ -107,7 +113,7 @@ class SearchCache(StrEnum):
     OFF = "off"
 
 
-class StoreSettings(BaseModel):
+class StoreSettings(Section):
     uri: str = Field(
         "var/facegrid.db",
         description="Milvus Lite database path (the embedded default) or a Milvus server "
@@ -134,14 +140,14 @@ class StoreSettings(BaseModel):
     timeout_s: float = Field(30.0, gt=0, description="Deadline of one Milvus call, in seconds.")
 
 
-class SearchSettings(BaseModel):
+class SearchSettings(Section):
     port: int = Field(50053, ge=0, le=65535, description="gRPC port of the search service.")
     max_concurrent_rpcs: int = Field(
         64, gt=0, description="Calls served at once; more get RESOURCE_EXHAUSTED."
     )
 
 
-class ServerSettings(BaseModel):
+class ServerSettings(Section):
     host: str = Field("127.0.0.1", description="Address the gRPC servers bind to.")
     grace_period_s: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
