@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from facegrid.config import InferenceBackendKind, Settings, load_settings, parse_overrides
 
 K8S_CONFIG = Path(__file__).resolve().parents[1] / "k8s" / "config.yaml"
