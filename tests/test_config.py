@@ -29,7 +29,7 @@ def test_environment_then_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("bad", ["no-equals-sign", "=value"])
 def test_malformed_override(bad: str) -> None:
-    with pytest.raises(ValueError, match="section.field=value"):
+    with pytest.raises(ValueError, match=r"section\.field=value"):
         parse_overrides([bad])
 
 
