@@ -121,7 +121,10 @@ class StoreSettings(Section):
     )
     token: str = Field("", description="Milvus server token (user:password); empty: none.")
     index_type: str = Field(
-        "HNSW", description="Milvus vector index of face collections: HNSW or FLAT."
+        "AUTO",
+        description="Milvus vector index of face collections: HNSW, FLAT, or AUTO (FLAT "
+        "when the in-memory cache answers searches, since Milvus Lite builds an HNSW index "
+        "on every flush, which made a 1M-face restart take many minutes; HNSW otherwise).",
     )
     hnsw_m: int = Field(16, ge=4, le=64, description="HNSW graph degree.")
     hnsw_ef_construction: int = Field(200, ge=8, le=512, description="HNSW build width.")

@@ -177,31 +177,50 @@ class FaceCache:
         group_by_subject: bool = False,
     ) -> list[list[Match]]:
         """Exact top-k by inner product (cosine for unit vectors), best first."""
-        count = len(self._rows)
-        if count == 0:
+        if len(self._rows) == 0:
             return [[] for _ in range(len(queries))]
         if group_by_subject:
             face_filter = _with_subject(face_filter)
-        mask = None if face_filter.is_empty() else self._mask(face_filter)
-        vectors = self._vectors[:count]
-        scores = queries @ vectors.T  # (Q, N)
-        if mask is not None:
-            scores[:, ~mask] = -np.inf
+        candidates, scores = self._scores(queries, face_filter)
         results = []
         for row_scores in scores:
             if group_by_subject:
-                best = self._best_per_subject(row_scores, top_k)
+                local = self._best_per_subject(row_scores, candidates, top_k)
             else:
-                best = _top_positions(row_scores, top_k)
-            positions = _sorted_by_score_then_id(best, row_scores, self._rows)
-            results.append([Match(self._rows[p], float(row_scores[p])) for p in positions])
+                local = _top_positions(row_scores, top_k)
+            ranked = sorted(
+                (int(i) for i in local),
+                key=lambda i: (-row_scores[i], self._rows[_global(candidates, i)].face_id),
+            )
+            results.append(
+                [Match(self._rows[_global(candidates, i)], float(row_scores[i])) for i in ranked]
+            )
         return results
 
-    def _best_per_subject(self, scores: NDArray[np.float32], top_k: int) -> NDArray[np.intp]:
+    def _scores(
+        self, queries: Vectors, face_filter: FaceFilter
+    ) -> tuple[NDArray[np.intp] | None, NDArray[np.float32]]:
+        """(candidate positions or None for all, their (Q, C) inner products).
+
+        The product reads every vector it scores (512 MB at 1M faces): it is bound by
+        memory bandwidth, so a filter scores only the rows it keeps. Scoring only those
+        also keeps -inf placeholders out of the partition, where a mass of equal values
+        makes numpy's selection slow.
+        """
+        vectors = self._vectors[: len(self._rows)]
+        if face_filter.is_empty():
+            return None, queries @ vectors.T
+        kept = np.flatnonzero(self._mask(face_filter))
+        return kept, queries @ vectors[kept].T
+
+    def _best_per_subject(
+        self, scores: NDArray[np.float32], candidates: NDArray[np.intp] | None, top_k: int
+    ) -> NDArray[np.intp]:
+        """Local indices of each subject's best face, best subjects first."""
         order = np.argsort(-scores, kind="stable")
-        order = order[np.isfinite(scores[order])]
-        _, first = np.unique(self._subject[order], return_index=True)
-        best: NDArray[np.intp] = order[np.sort(first)]  # each subject's best, in score order
+        subjects = self._subject[order if candidates is None else candidates[order]]
+        _, first = np.unique(subjects, return_index=True)
+        best: NDArray[np.intp] = order[np.sort(first)]
         return best[:top_k]
 
     def _mask(self, face_filter: FaceFilter) -> NDArray[np.bool_]:
@@ -234,15 +253,14 @@ def _with_subject(face_filter: FaceFilter) -> FaceFilter:
 def _top_positions(scores: NDArray[np.float32], top_k: int) -> NDArray[np.intp]:
     """Positions of the ``top_k`` highest finite scores (unordered)."""
     k = min(top_k, len(scores))
-    candidates = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(k)
-    selected: NDArray[np.intp] = candidates[np.isfinite(scores[candidates])]
-    return selected
+    if k < len(scores):
+        top: NDArray[np.intp] = np.argpartition(scores, len(scores) - k)[len(scores) - k :]
+        return top
+    return np.arange(k)
 
 
-def _sorted_by_score_then_id(
-    positions: NDArray[np.intp], scores: NDArray[np.float32], rows: list[FaceRow]
-) -> list[int]:
-    return sorted((int(p) for p in positions), key=lambda p: (-scores[p], rows[p].face_id))
+def _global(candidates: NDArray[np.intp] | None, local: int) -> int:
+    return local if candidates is None else int(candidates[local])
 
 
 _A = TypeVar("_A", bound=np.generic)

@@ -61,9 +61,11 @@ class SearchCore:
 
     @property
     def cached(self) -> bool:
-        assert self.store is not None
+        return self._cached(self._store().is_lite)
+
+    def _cached(self, is_lite: bool) -> bool:
         if self.settings.cache is SearchCache.AUTO:
-            return self.store.is_lite
+            return is_lite
         return self.settings.cache is SearchCache.ON
 
     async def _milvus(self, call: Callable[..., T], *args: object) -> T:
@@ -72,7 +74,8 @@ class SearchCore:
 
     async def open(self) -> None:
         """Connect to Milvus and, when caching, rebuild every collection's cache from it."""
-        self.store = await self._milvus(MilvusStore, self.settings)
+        is_lite = MilvusStore.is_lite_uri(self.settings.uri)
+        self.store = await self._milvus(MilvusStore, self.settings, not self._cached(is_lite))
         for spec in await self._milvus(self.store.list_specs):
             self._collections[spec.collection_id] = await self._load(spec)
 

@@ -63,16 +63,22 @@ def subjects_collection(collection_id: str) -> str:
 class MilvusStore:
     """Synchronous; the service calls it from a worker thread."""
 
-    def __init__(self, settings: StoreSettings) -> None:
+    def __init__(self, settings: StoreSettings, searches_here: bool | None = None) -> None:
+        """``searches_here``: whether Milvus itself answers searches (no cache in front)."""
         self.settings = settings
-        self.is_lite = not settings.uri.startswith(("http://", "https://", "tcp://"))
+        self.is_lite = self.is_lite_uri(settings.uri)
         if self.is_lite:
             Path(settings.uri).parent.mkdir(parents=True, exist_ok=True)
         self.client = MilvusClient(
             uri=settings.uri, token=settings.token, timeout=settings.timeout_s
         )
         self._consistency = settings.consistency_level
+        self.index_type = _index_type(settings.index_type, searches_here)
         self._ensure_registry()
+
+    @staticmethod
+    def is_lite_uri(uri: str) -> bool:
+        return not uri.startswith(("http://", "https://", "tcp://"))
 
     def close(self) -> None:
         self.client.close()
@@ -153,15 +159,13 @@ class MilvusStore:
         )
 
     def _face_index(self) -> tuple[str, dict[str, Any]]:
-        kind = self.settings.index_type.upper()
+        kind = self.index_type
         if kind == "HNSW":
             return kind, {
                 "M": self.settings.hnsw_m,
                 "efConstruction": self.settings.hnsw_ef_construction,
             }
-        if kind == "FLAT":
-            return kind, {}
-        raise ValueError(f"store.index_type must be HNSW or FLAT, not {kind!r}")
+        return kind, {}
 
     def load(self, collection_id: str) -> None:
         """Load a collection's parts for reading (after a restart they are released)."""
@@ -260,7 +264,7 @@ class MilvusStore:
     ) -> list[list[tuple[str, float]]]:
         """(face_id, inner product) per query, best first, from Milvus itself."""
         params: dict[str, Any] = {"metric_type": "IP"}
-        if self.settings.index_type.upper() == "HNSW":
+        if self.index_type == "HNSW":
             params["params"] = {"ef": max(ef_search, top_k)}
         results = self.client.search(
             faces_collection(collection_id),
@@ -348,6 +352,15 @@ class MilvusStore:
         finally:
             iterator.close()
         return out
+
+
+def _index_type(configured: str, searches_here: bool | None) -> str:
+    kind = configured.upper()
+    if kind == "AUTO":
+        return "HNSW" if searches_here else "FLAT"
+    if kind not in ("HNSW", "FLAT"):
+        raise ValueError(f"store.index_type must be AUTO, HNSW or FLAT, not {configured!r}")
+    return kind
 
 
 def _spec(row: dict[str, Any]) -> CollectionSpec:
