@@ -22,7 +22,7 @@ import numpy as np
 from facegrid.config import StoreSettings
 from pymilvus import DataType, MilvusClient
 
-from facegrid_search.expressions import and_, filter_expression
+from facegrid_search.expressions import and_, filter_expression, quote
 from facegrid_search.records import (
     ALL_FACES,
     CollectionSpec,
@@ -47,7 +47,8 @@ FACE_FIELDS = [
     "attrs",
 ]
 SUBJECT_FIELDS = ["subject_id", "display_name", "metadata", "create_time"]
-QUERY_BATCH = 8_192
+QUERY_BATCH = 16_384  # pymilvus caps an iterator batch here
+LITE_REBUILD_CHUNK = 100_000
 DELETE_BATCH = 1_000
 
 
@@ -237,20 +238,36 @@ class MilvusStore:
         )
         return int(rows[0]["count(*)"]) if rows else 0
 
-    def iterate_faces(
-        self, collection_id: str, batch_size: int = QUERY_BATCH
-    ) -> Iterator[tuple[list[FaceRow], Vectors]]:
+    def iterate_faces(self, collection_id: str) -> Iterator[tuple[list[FaceRow], Vectors]]:
         """Every face with its embedding, in primary-key order (for rebuilding the cache)."""
+        name = faces_collection(collection_id)
+        fields = [*FACE_FIELDS, "embedding"]
+        if not self.is_lite:
+            yield from _batches(self._iterate(name, "", fields))
+            return
+        # Milvus Lite scans every row for every query, and pymilvus caps an iterator's
+        # batch at 16,384 rows: iterating 1M faces took over ten minutes. Lite accepts a
+        # larger limit, so read the ids in one scan, then the rows in a few key ranges.
+        count = self.count_faces(collection_id)
+        rows = self.client.query(name, filter="", output_fields=["face_id"], limit=max(count, 1))
+        ids = sorted(row["face_id"] for row in rows)
+        for start in range(0, len(ids), LITE_REBUILD_CHUNK):
+            chunk = ids[start : start + LITE_REBUILD_CHUNK]
+            expression = f"face_id >= {quote(chunk[0])} and face_id <= {quote(chunk[-1])}"
+            found = self.client.query(
+                name, filter=expression, output_fields=fields, limit=len(chunk)
+            )
+            yield from _batches(iter([found]))
+
+    def _iterate(
+        self, name: str, expression: str, fields: list[str]
+    ) -> Iterator[list[dict[str, Any]]]:
         iterator = self.client.query_iterator(
-            faces_collection(collection_id),
-            batch_size=batch_size,
-            filter="",
-            output_fields=[*FACE_FIELDS, "embedding"],
+            name, batch_size=QUERY_BATCH, filter=expression, output_fields=fields
         )
         try:
             while batch := iterator.next():
-                vectors = np.asarray([row["embedding"] for row in batch], np.float32)
-                yield [_face(row) for row in batch], vectors
+                yield batch
         finally:
             iterator.close()
 
@@ -339,19 +356,19 @@ class MilvusStore:
     def _query_all(self, name: str, expression: str, fields: list[str]) -> list[dict[str, Any]]:
         """Every row matching ``expression``.
 
-        A plain query returns at most 16,384 rows in no particular order, so paging it by
-        primary key would skip rows; the query iterator pages in primary-key order.
+        A plain query returns at most 16,384 rows in no particular order on a server, so
+        paging it by primary key would skip rows; the query iterator pages in key order.
         """
-        iterator = self.client.query_iterator(
-            name, batch_size=QUERY_BATCH, filter=expression, output_fields=fields
-        )
-        out: list[dict[str, Any]] = []
-        try:
-            while batch := iterator.next():
-                out.extend(batch)
-        finally:
-            iterator.close()
-        return out
+        return [row for batch in self._iterate(name, expression, fields) for row in batch]
+
+
+def _batches(
+    pages: Iterator[list[dict[str, Any]]],
+) -> Iterator[tuple[list[FaceRow], Vectors]]:
+    for page in pages:
+        if page:
+            vectors = np.asarray([row["embedding"] for row in page], np.float32)
+            yield [_face(row) for row in page], vectors
 
 
 def _index_type(configured: str, searches_here: bool | None) -> str:
