@@ -14,6 +14,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import grpc
@@ -37,6 +38,18 @@ class ServiceRegistration:
 
     full_name: str
     add_to_server: Callable[[grpc.aio.Server], None]
+
+    @classmethod
+    def of(
+        cls,
+        module: ModuleType,
+        service: str,
+        add: Callable[[Any, grpc.aio.Server], None],
+        servicer: object,
+    ) -> ServiceRegistration:
+        """From a generated ``*_pb2`` module, the service's name and its ``add_*`` function."""
+        full_name = module.DESCRIPTOR.services_by_name[service].full_name
+        return cls(full_name, lambda server: add(servicer, server))
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]

@@ -135,9 +135,11 @@ async def serve(settings: Settings) -> None:
     server = FacegridServer(
         "detection",
         [
-            ServiceRegistration(
-                detection_pb2.DESCRIPTOR.services_by_name["DetectionService"].full_name,
-                lambda s: detection_pb2_grpc.add_DetectionServiceServicer_to_server(servicer, s),
+            ServiceRegistration.of(
+                detection_pb2,
+                "DetectionService",
+                detection_pb2_grpc.add_DetectionServiceServicer_to_server,
+                servicer,
             )
         ],
         settings.server,

@@ -120,9 +120,11 @@ async def serve(settings: Settings) -> None:
     server = FacegridServer(
         "embedding",
         [
-            ServiceRegistration(
-                embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
-                lambda s: embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(servicer, s),
+            ServiceRegistration.of(
+                embedding_pb2,
+                "EmbeddingService",
+                embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server,
+                servicer,
             )
         ],
         settings.server,

@@ -398,9 +398,11 @@ async def serve(settings: Settings) -> None:
     server = FacegridServer(
         "search",
         [
-            ServiceRegistration(
-                search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name,
-                lambda s: search_pb2_grpc.add_SearchServiceServicer_to_server(servicer, s),
+            ServiceRegistration.of(
+                search_pb2,
+                "SearchService",
+                search_pb2_grpc.add_SearchServiceServicer_to_server,
+                servicer,
             )
         ],
         settings.server,

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from facegrid.config import SearchCache, StoreSettings
@@ -22,7 +22,7 @@ from facegrid.similarity import Calibration
 
 from facegrid_search.cache import FaceCache
 from facegrid_search.convert import calibration_of
-from facegrid_search.names import FaceName, collection_name
+from facegrid_search.names import FaceName, SubjectName, collection_name
 from facegrid_search.records import (
     CollectionSpec,
     FaceFilter,
@@ -231,21 +231,7 @@ class SearchCore:
     ) -> list[list[Match]]:
         if collection.cache is not None:
             return collection.cache.search(queries, top_k, face_filter, group_by_subject)
-        return await self._server_search(
-            collection, queries, top_k, face_filter, group_by_subject, ef_search
-        )
-
-    async def _server_search(
-        self,
-        collection: Collection,
-        queries: Vectors,
-        top_k: int,
-        face_filter: FaceFilter,
-        group_by_subject: bool,
-        ef_search: int,
-    ) -> list[list[Match]]:
-        from dataclasses import replace
-
+        # Milvus itself searches; rows are fetched for the hits.
         store = self._store()
         collection_id = collection.spec.collection_id
         limit = top_k
@@ -281,8 +267,8 @@ class SearchCore:
             self._store().get_subject, collection.spec.collection_id, subject_id
         )
         if found is None:
-            name = f"collections/{collection.spec.collection_id}/subjects/{subject_id}"
-            raise not_found("facegrid.v1.Subject", name)
+            name = SubjectName(collection.spec.collection_id, subject_id)
+            raise not_found("facegrid.v1.Subject", str(name))
         return found
 
     async def subject_face_count(self, collection: Collection, subject_id: str) -> int:
@@ -300,8 +286,8 @@ class SearchCore:
                 self._store().get_subject, collection.spec.collection_id, subject.subject_id
             )
             if existing is not None:
-                name = f"collections/{collection.spec.collection_id}/subjects/{subject.subject_id}"
-                raise already_exists("facegrid.v1.Subject", name)
+                name = SubjectName(collection.spec.collection_id, subject.subject_id)
+                raise already_exists("facegrid.v1.Subject", str(name))
             await self._milvus(self._store().upsert_subject, collection.spec.collection_id, subject)
 
     async def list_subjects(
@@ -316,9 +302,11 @@ class SearchCore:
             await self.subject(collection, subject_id)
             face_ids = await self.matching_ids(collection, FaceFilter(subject_ids=(subject_id,)))
             if face_ids and not force:
-                name = f"collections/{collection.spec.collection_id}/subjects/{subject_id}"
+                name = SubjectName(collection.spec.collection_id, subject_id)
                 raise failed_precondition(
-                    "NOT_EMPTY", name, f"{name} has {len(face_ids)} faces; set force to delete them"
+                    "NOT_EMPTY",
+                    str(name),
+                    f"{name} has {len(face_ids)} faces; set force to delete them",
                 )
             # Faces first: a crash in between leaves a subject without faces, never faces
             # of a deleted subject.
