@@ -34,6 +34,8 @@ def service_port(settings: Settings, service: str) -> int:
 
 def serve_one(service: str, overrides: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # faiss (under Milvus Lite) logs each CPU-specific build it cannot load, at INFO.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     settings = load_settings(overrides)
     module = importlib.import_module(SERVICES[service])
     asyncio.run(module.serve(settings))

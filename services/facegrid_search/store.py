@@ -354,12 +354,21 @@ class MilvusStore:
     # ---------------------------------------------------------------- helpers
 
     def _query_all(self, name: str, expression: str, fields: list[str]) -> list[dict[str, Any]]:
-        """Every row matching ``expression``.
+        """Every row matching ``expression``, in primary-key order.
 
-        A plain query returns at most 16,384 rows in no particular order on a server, so
-        paging it by primary key would skip rows; the query iterator pages in key order.
+        A server returns at most 16,384 rows per query, in no particular order, so paging
+        by key would skip rows: the query iterator pages in key order. Milvus Lite takes
+        any limit, and its iterator would rescan every row per batch (and log an
+        AllocTimestamp error it does not implement): one counted query there.
         """
-        return [row for batch in self._iterate(name, expression, fields) for row in batch]
+        if not self.is_lite:
+            return [row for batch in self._iterate(name, expression, fields) for row in batch]
+        counted = self.client.query(name, filter=expression, output_fields=["count(*)"])
+        count = int(counted[0]["count(*)"]) if counted else 0
+        if count == 0:
+            return []
+        rows = self.client.query(name, filter=expression, output_fields=fields, limit=count)
+        return sorted(rows, key=lambda row: row[fields[0]])
 
 
 def _batches(
