@@ -180,7 +180,7 @@ class FaceCache:
         if len(self._rows) == 0:
             return [[] for _ in range(len(queries))]
         if group_by_subject:
-            face_filter = _with_subject(face_filter)
+            face_filter = face_filter.with_subject()
         candidates, scores = self._scores(queries, face_filter)
         results = []
         for row_scores in scores:
@@ -242,12 +242,6 @@ class FaceCache:
             has = self._subject[:count] != 0  # code 0 is the empty string
             mask &= has if face_filter.has_subject else ~has
         return mask
-
-
-def _with_subject(face_filter: FaceFilter) -> FaceFilter:
-    from dataclasses import replace
-
-    return replace(face_filter, has_subject=True)
 
 
 def _top_positions(scores: NDArray[np.float32], top_k: int) -> NDArray[np.intp]:

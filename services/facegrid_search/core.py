@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from facegrid.config import SearchCache, StoreSettings
@@ -236,7 +236,7 @@ class SearchCore:
         collection_id = collection.spec.collection_id
         limit = top_k
         if group_by_subject:
-            face_filter = replace(face_filter, has_subject=True)
+            face_filter = face_filter.with_subject()
             limit = SERVER_GROUP_CANDIDATES
         hits = await self._milvus(
             store.search, collection_id, queries, limit, face_filter, ef_search

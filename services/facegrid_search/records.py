@@ -6,7 +6,7 @@ the in-memory index work only with these plain types.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -58,6 +58,10 @@ class FaceFilter:
     start_time_us: int | None = None  # inclusive
     end_time_us: int | None = None  # exclusive
     has_subject: bool | None = None
+
+    def with_subject(self) -> FaceFilter:
+        """The same filter, keeping only faces that belong to a subject."""
+        return replace(self, has_subject=True)
 
     def is_empty(self) -> bool:
         return self == FaceFilter()

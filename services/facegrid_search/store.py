@@ -230,13 +230,7 @@ class MilvusStore:
         return sorted(row["face_id"] for row in rows)
 
     def count_faces(self, collection_id: str, face_filter: FaceFilter = ALL_FACES) -> int:
-        rows = self.client.query(
-            faces_collection(collection_id),
-            filter=filter_expression(face_filter),
-            output_fields=["count(*)"],
-            consistency_level=self._consistency,
-        )
-        return int(rows[0]["count(*)"]) if rows else 0
+        return self._count(faces_collection(collection_id), filter_expression(face_filter))
 
     def iterate_faces(self, collection_id: str) -> Iterator[tuple[list[FaceRow], Vectors]]:
         """Every face with its embedding, in primary-key order (for rebuilding the cache)."""
@@ -340,18 +334,21 @@ class MilvusStore:
         return sorted((_subject(r) for r in rows), key=lambda s: s.subject_id)[:limit]
 
     def count_subjects(self, collection_id: str) -> int:
-        rows = self.client.query(
-            subjects_collection(collection_id),
-            filter="",
-            output_fields=["count(*)"],
-            consistency_level=self._consistency,
-        )
-        return int(rows[0]["count(*)"]) if rows else 0
+        return self._count(subjects_collection(collection_id), "")
 
     def delete_subject(self, collection_id: str, subject_id: str) -> None:
         self.client.delete(subjects_collection(collection_id), ids=[subject_id])
 
     # ---------------------------------------------------------------- helpers
+
+    def _count(self, name: str, expression: str) -> int:
+        rows = self.client.query(
+            name,
+            filter=expression,
+            output_fields=["count(*)"],
+            consistency_level=self._consistency,
+        )
+        return int(rows[0]["count(*)"]) if rows else 0
 
     def _query_all(self, name: str, expression: str, fields: list[str]) -> list[dict[str, Any]]:
         """Every row matching ``expression``, in primary-key order.
@@ -363,8 +360,7 @@ class MilvusStore:
         """
         if not self.is_lite:
             return [row for batch in self._iterate(name, expression, fields) for row in batch]
-        counted = self.client.query(name, filter=expression, output_fields=["count(*)"])
-        count = int(counted[0]["count(*)"]) if counted else 0
+        count = self._count(name, expression)
         if count == 0:
             return []
         rows = self.client.query(name, filter=expression, output_fields=fields, limit=count)
