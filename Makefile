@@ -7,12 +7,13 @@ VENV := .venv
 TRITON_VENV := .venv-triton
 MILVUS_VENV := .venv-milvus
 BIN := $(VENV)/bin
+BENCH_VENV := .venv-bench
 MODEL_REPO ?= model_repository
 PROTO_FILES := $(wildcard protos/facegrid/v1/*.proto)
 GEN_DIR := services/facegrid/v1
 PYTEST_ARGS ?=
 
-.PHONY: all up test lint protos models venv triton-venv milvus-venv clean buf-lint format
+.PHONY: all up test lint protos models venv triton-venv milvus-venv bench-venv clean buf-lint format
 
 all: venv protos models
 
@@ -37,6 +38,13 @@ $(MILVUS_VENV)/.installed: requirements/milvus.txt
 	$(MILVUS_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/milvus.txt
 	touch $@
 
+# The face_recognition library, only for loadtest/bench_gateway.py's comparison.
+$(BENCH_VENV)/.installed: requirements/bench.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check pip==25.3
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/bench.txt
+	touch $@
+
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
@@ -44,6 +52,7 @@ node_modules/.installed: package.json package-lock.json
 venv: $(BIN)/.installed
 triton-venv: $(TRITON_VENV)/.installed
 milvus-venv: $(MILVUS_VENV)/.installed
+bench-venv: $(BENCH_VENV)/.installed
 
 # --- generated code -----------------------------------------------------------
 $(GEN_DIR)/.generated: $(PROTO_FILES) $(BIN)/.installed
@@ -61,8 +70,9 @@ $(MODEL_REPO)/facegrid_models.json: $(BIN)/.installed $(wildcard services/facegr
 models: $(MODEL_REPO)/facegrid_models.json
 
 # --- run ----------------------------------------------------------------------
+# Seeds the demo collection (seeds/demo.toml) once everything is healthy.
 up: venv protos models
-	$(BIN)/facegrid up --set inference.model_repository=$(MODEL_REPO)
+	$(BIN)/facegrid up --set inference.model_repository=$(MODEL_REPO) --seed seeds/demo.toml
 
 # --- checks -------------------------------------------------------------------
 buf-lint: node_modules/.installed
@@ -81,4 +91,4 @@ test: venv triton-venv milvus-venv protos models lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) $(MILVUS_VENV) $(GEN_DIR) $(MODEL_REPO) node_modules build .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(TRITON_VENV) $(MILVUS_VENV) $(BENCH_VENV) $(GEN_DIR) $(MODEL_REPO) node_modules build .mypy_cache .ruff_cache .pytest_cache

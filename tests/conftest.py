@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from facegrid.launcher import wait_healthy
+from facegrid.auth import ALL_SCOPES, bearer_metadata, create_token
+from facegrid.launcher import UP_ORDER, ServiceGroup, wait_healthy
 from facegrid.models.repository import TritonBackend, build_repository
 from facegrid.processes import free_port
 from facegrid.triton_server import TritonInstall, TritonServer
@@ -196,3 +197,75 @@ def search_service(
     yield service
     code = service.stop()
     assert code == 0, f"search exited with {code}:\n{service.log()}"
+
+
+# ---------------------------------------------------------------- the whole system
+
+
+@dataclass
+class Stack:
+    """detection, embedding, search and gateway as separate processes, like `facegrid up`."""
+
+    group: ServiceGroup
+    address: str  # the gateway's
+    token: str  # every scope
+    tokens: dict[str, str]  # scope -> a token with only that scope
+    work_dir: Path
+
+    def metadata(self, token: str | None = None) -> tuple[tuple[str, str]]:
+        return bearer_metadata(self.token if token is None else token)
+
+
+def start_stack(overrides: list[str], work_dir: Path) -> Stack:
+    credentials = work_dir / "credentials.json"
+    token = create_token(credentials, "investigator-1", ALL_SCOPES)
+    tokens = {scope: create_token(credentials, f"only-{scope}", [scope]) for scope in ALL_SCOPES}
+    group = ServiceGroup(
+        [
+            *overrides,
+            f"store.uri={work_dir / 'facegrid.db'}",
+            f"gateway.credentials_file={credentials}",
+            f"gateway.audit_path={work_dir / 'audit.db'}",
+        ],
+        log_dir=work_dir / "logs",
+    )
+    try:
+        for name in UP_ORDER:
+            group.start(name, port=0)
+    except BaseException:
+        group.stop()
+        logs = "\n".join(p.read_text(errors="replace") for p in (work_dir / "logs").glob("*"))
+        raise RuntimeError(f"the stack did not start:\n{logs}") from None
+    return Stack(group, group.services["gateway"].address, token, tokens, work_dir)
+
+
+def stop_stack(stack: Stack) -> None:
+    processes = {name: service.process for name, service in stack.group.services.items()}
+    stack.group.stop()
+    codes = {name: process.returncode for name, process in processes.items()}
+    assert all(code == 0 for code in codes.values()), f"exit codes {codes}"
+
+
+@pytest.fixture(scope="module")
+def gateway_stack(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The embedded default: in-process onnxruntime, Milvus Lite."""
+    stack = start_stack(
+        inference_overrides("local", model_repo, None), tmp_path_factory.mktemp("stack")
+    )
+    yield stack
+    stop_stack(stack)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def e2e_stack(
+    request: pytest.FixtureRequest, model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The whole system, with inference in-process and then through the real Triton."""
+    backend = str(request.param)
+    triton = request.getfixturevalue("triton") if backend == "triton" else None
+    stack = start_stack(
+        inference_overrides(backend, model_repo, triton),
+        tmp_path_factory.mktemp(f"stack-{backend}"),
+    )
+    yield stack
+    stop_stack(stack)

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from facegrid import launcher
+from facegrid.client import commands as client_commands
+from facegrid.evaluation import commands as evaluation_commands
 from facegrid.models.repository import TritonBackend
 
 
@@ -59,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     triton.add_argument("--venv", type=Path, default=Path(".venv-triton"))
     triton.set_defaults(handler=_triton)
+
+    client_commands.register(commands)
+    evaluation_commands.register(commands)
     return parser
 
 

@@ -150,6 +150,101 @@ class SearchSettings(Section):
     )
 
 
+class QualityLevel(Section):
+    """The thresholds of one QualityFilter level; a face must meet all of them."""
+
+    min_confidence: float = Field(50.0, ge=0, le=100, description="Lowest detection confidence.")
+    min_face_size: int = Field(
+        40, ge=0, description="Shortest side of the face box, in pixels of the rotated image."
+    )
+    min_sharpness: float = Field(5.0, ge=0, le=100, description="Lowest sharpness (0-100).")
+    min_brightness: float = Field(10.0, ge=0, le=100, description="Lowest brightness (0-100).")
+    max_brightness: float = Field(95.0, ge=0, le=100, description="Highest brightness (0-100).")
+    max_yaw: float = Field(
+        60.0, ge=0, le=90, description="Largest head turn (absolute yaw), in degrees."
+    )
+    max_roll: float = Field(
+        45.0, ge=0, le=180, description="Largest in-plane tilt (absolute roll), in degrees."
+    )
+
+
+class AutoQuality(StrEnum):
+    NONE = "none"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+
+class GatewaySettings(Section):
+    port: int = Field(50050, ge=0, le=65535, description="gRPC port of the gateway (public API).")
+    detection_address: str = Field(
+        "127.0.0.1:50051", description="host:port of the detection service."
+    )
+    embedding_address: str = Field(
+        "127.0.0.1:50052", description="host:port of the embedding service."
+    )
+    search_address: str = Field("127.0.0.1:50053", description="host:port of the search service.")
+    max_concurrent_rpcs: int = Field(
+        64, gt=0, description="Calls served at once; more get RESOURCE_EXHAUSTED."
+    )
+    credentials_file: Path = Field(
+        Path("var/credentials.json"),
+        description="Callers and their scopes: JSON with the SHA-256 of each bearer token "
+        "(`facegrid token create` writes it). Read at start-up.",
+    )
+    audit_path: Path = Field(
+        Path("var/audit.db"),
+        description="The audit log (SQLite, hash-chained). The gateway is its only writer.",
+    )
+    min_similarity: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="The administrator's minimum match threshold (0-100) for every "
+        "identification call; callers may ask for more, never less. Unset: the "
+        "calibration's default threshold, the lowest with no false match on the "
+        "calibration photos.",
+    )
+    purpose_min_similarity: dict[str, float] = Field(
+        default_factory=dict,
+        description='Stricter minimums per purpose, e.g. {"PURPOSE_TESTING": 90}; the '
+        "larger of this and min_similarity applies.",
+    )
+    auto_quality: AutoQuality = Field(
+        AutoQuality.LOW, description="The level QUALITY_FILTER_AUTO stands for."
+    )
+    quality_low: QualityLevel = Field(
+        default_factory=QualityLevel, description="QUALITY_FILTER_LOW thresholds."
+    )
+    quality_medium: QualityLevel = Field(
+        default_factory=lambda: QualityLevel(
+            min_confidence=70,
+            min_face_size=60,
+            min_sharpness=15,
+            min_brightness=15,
+            max_brightness=90,
+            max_yaw=40,
+            max_roll=30,
+        ),
+        description="QUALITY_FILTER_MEDIUM thresholds.",
+    )
+    quality_high: QualityLevel = Field(
+        default_factory=lambda: QualityLevel(
+            min_confidence=90,
+            min_face_size=100,
+            min_sharpness=30,
+            min_brightness=25,
+            max_brightness=85,
+            max_yaw=25,
+            max_roll=15,
+        ),
+        description="QUALITY_FILTER_HIGH thresholds.",
+    )
+    downstream_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline of one call to detection, embedding or search."
+    )
+
+
 class ServerSettings(Section):
     host: str = Field("127.0.0.1", description="Address the gRPC servers bind to.")
     grace_period_s: float = Field(
@@ -174,6 +269,7 @@ class Settings(BaseSettings):
     embedding: EmbeddingSettings = EmbeddingSettings()
     search: SearchSettings = SearchSettings()
     store: StoreSettings = StoreSettings()
+    gateway: GatewaySettings = GatewaySettings()
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

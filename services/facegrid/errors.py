@@ -8,7 +8,7 @@ details carry ``google.rpc.BadRequest`` field violations, ``ErrorInfo`` or
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import grpc
 from google.protobuf import any_pb2
@@ -35,6 +35,9 @@ class ServiceError(Exception):
     def to_status(self) -> status_pb2.Status:
         packed = []
         for detail in self.details:
+            if isinstance(detail, any_pb2.Any):
+                packed.append(detail)  # a detail relayed from another service as it came
+                continue
             holder = any_pb2.Any()
             holder.Pack(detail)
             packed.append(holder)
@@ -121,3 +124,44 @@ def failed_precondition(kind: str, subject: str, description: str) -> ServiceErr
         ]
     )
     return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, description, [failure])
+
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def relay(error: grpc.aio.AioRpcError, renames: Mapping[str, str] | None = None) -> ServiceError:
+    """A downstream service's error as this service's, with its rich details.
+
+    ``renames`` maps the downstream request's field names onto the caller's, so that a
+    field violation names a field of the request the caller actually sent.
+    """
+    code = error.code()
+    message = error.details() or code.name
+    details: list[Message] = []
+    for key, value in error.trailing_metadata() or ():
+        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        message = status.message or message
+        for detail in status.details:
+            if renames and detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad_request = error_details_pb2.BadRequest()
+                detail.Unpack(bad_request)
+                for violation in bad_request.field_violations:
+                    violation.field = _rename(violation.field, renames)
+                details.append(bad_request)
+            else:
+                details.append(detail)
+    if renames:
+        for old, new in renames.items():
+            message = message.replace(f"{old}:", f"{new}:")
+    return ServiceError(code, message, details)
+
+
+def _rename(field: str, renames: Mapping[str, str]) -> str:
+    head, dot, rest = field.partition(".")
+    bracket = head.find("[")
+    root = head if bracket < 0 else head[:bracket]
+    if root not in renames:
+        return field
+    return renames[root] + head[len(root) :] + dot + rest

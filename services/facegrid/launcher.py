@@ -3,27 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from facegrid.config import Settings, load_settings
+from facegrid.processes import free_port
 
 # service name -> module whose ``serve(settings)`` coroutine runs it until stopped.
 SERVICES = {
     "detection": "facegrid_detection.app",
     "embedding": "facegrid_embedding.app",
     "search": "facegrid_search.app",
+    "gateway": "facegrid_gateway.app",
 }
 # Order of `facegrid up`: dependencies first.
-UP_ORDER = ("detection", "embedding", "search")
+UP_ORDER = ("detection", "embedding", "search", "gateway")
+# The gateway's setting that names each service it calls.
+GATEWAY_DEPENDENCIES = {
+    "detection": "gateway.detection_address",
+    "embedding": "gateway.embedding_address",
+    "search": "gateway.search_address",
+}
 HEALTH_TIMEOUT_S = 120.0
 
 
@@ -62,10 +73,111 @@ def wait_healthy(
     raise TimeoutError(f"service at {address} not healthy after {timeout_s:.0f}s")
 
 
-def up(overrides: list[str]) -> int:
+@dataclass
+class RunningService:
+    name: str
+    address: str
+    process: subprocess.Popen[bytes]
+
+
+class ServiceGroup:
+    """Services started as child processes, stopped together in reverse order."""
+
+    def __init__(self, overrides: list[str], log_dir: Path | None = None) -> None:
+        self.overrides = list(overrides)
+        self.settings = load_settings(overrides)
+        self.log_dir = log_dir
+        self.services: dict[str, RunningService] = {}
+
+    def start(self, name: str, port: int | None = None) -> RunningService:
+        """Start one service (on its configured port, or ``port``; 0: a free one)."""
+        if port == 0:
+            port = free_port()
+        if port is None:
+            port = service_port(self.settings, name)
+        command = [sys.executable, "-m", "facegrid.cli", "serve", name, "--port", str(port)]
+        overrides = list(self.overrides)
+        if name == "gateway":
+            # The gateway calls the services of this group where they really listen.
+            overrides += [
+                f"{GATEWAY_DEPENDENCIES[dep]}={svc.address}"
+                for dep, svc in self.services.items()
+                if dep in GATEWAY_DEPENDENCIES
+            ]
+        for override in overrides:
+            command += ["--set", override]
+        output = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            output = (self.log_dir / f"{name}.log").open("ab")
+        try:
+            # Own session: Ctrl-C reaches only the launcher, which stops them in order.
+            process = subprocess.Popen(
+                command,
+                start_new_session=True,
+                stdout=output,
+                stderr=subprocess.STDOUT if output is not None else None,
+            )
+        finally:
+            if output is not None:
+                output.close()
+        service = RunningService(name, f"{self.settings.server.host}:{port}", process)
+        self.services[name] = service
+        wait_healthy(service.address, HEALTH_TIMEOUT_S, process)
+        return service
+
+    def restart(self, name: str) -> RunningService:
+        """Stop one service gracefully and start it again on the same port."""
+        service = self.services.pop(name)
+        service.process.send_signal(signal.SIGTERM)
+        service.process.wait(timeout=self.settings.server.grace_period_s + 5)
+        if service.process.returncode != 0:
+            raise RuntimeError(f"{name} exited with {service.process.returncode} on SIGTERM")
+        return self.start(name, port=int(service.address.rsplit(":", 1)[1]))
+
+    def exited(self) -> RunningService | None:
+        """A service that has stopped on its own, if any."""
+        for service in self.services.values():
+            if service.process.poll() is not None:
+                return service
+        return None
+
+    def stop(self, report: bool = False) -> None:
+        timeout_s = self.settings.server.grace_period_s + 5
+        running = list(reversed(self.services.values()))
+        for service in running:
+            if service.process.poll() is None:
+                service.process.send_signal(signal.SIGTERM)
+        for service in running:
+            try:
+                service.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                service.process.kill()
+                service.process.wait()
+            if report:
+                print(f"  {service.name:10} stopped ({service.process.returncode})", flush=True)
+        self.services.clear()
+
+    def __enter__(self) -> ServiceGroup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def running_services(
+    names: Sequence[str], overrides: list[str], log_dir: Path | None = None
+) -> Iterator[dict[str, str]]:
+    """Start ``names`` (dependencies first) on free ports; yield name -> address."""
+    with ServiceGroup(overrides, log_dir) as group:
+        for name in names:
+            group.start(name, port=0)
+        yield {name: service.address for name, service in group.services.items()}
+
+
+def up(overrides: list[str], after_start: Callable[[dict[str, str]], None] | None = None) -> int:
     """Run every service as its own process; stop them all on Ctrl-C or SIGTERM."""
-    settings = load_settings(overrides)
-    processes: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -74,39 +186,25 @@ def up(overrides: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    group = ServiceGroup(overrides)
     try:
         for name in UP_ORDER:
-            command = [sys.executable, "-m", "facegrid.cli", "serve", name]
-            for override in overrides:
-                command += ["--set", override]
-            # Own session: Ctrl-C reaches only this launcher, which stops them in order.
-            processes[name] = subprocess.Popen(command, start_new_session=True)
-            address = f"{settings.server.host}:{service_port(settings, name)}"
-            wait_healthy(address, HEALTH_TIMEOUT_S, processes[name])
-            print(f"  {name:10} healthy on {address}", flush=True)
+            service = group.start(name)
+            print(f"  {name:10} healthy on {service.address}", flush=True)
+        if after_start is not None:
+            after_start({name: service.address for name, service in group.services.items()})
         print("facegrid is up. Press Ctrl-C to stop.", flush=True)
         while not stopping:
-            for name, process in processes.items():
-                if process.poll() is not None:
-                    print(f"{name} exited with {process.returncode}; stopping", flush=True)
-                    return 1
+            exited = group.exited()
+            if exited is not None:
+                print(
+                    f"{exited.name} exited with {exited.process.returncode}; stopping", flush=True
+                )
+                return 1
             time.sleep(0.2)
         return 0
     finally:
-        _stop_all(processes, settings.server.grace_period_s + 5)
-
-
-def _stop_all(processes: dict[str, subprocess.Popen[bytes]], timeout_s: float) -> None:
-    for process in reversed(list(processes.values())):
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for name, process in processes.items():
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        print(f"  {name:10} stopped ({process.returncode})", flush=True)
+        group.stop(report=True)
 
 
 def run_triton(repo: Path, venv: Path) -> int:

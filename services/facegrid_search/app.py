@@ -6,13 +6,14 @@ import math
 from typing import TypeAlias
 
 import grpc
+from facegrid import names, paging
 from facegrid.config import Settings
 from facegrid.errors import failed_precondition, invalid_argument, invalid_arguments, not_found
 from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
 from facegrid.similarity import Calibration
 from facegrid.v1 import resources_pb2, search_pb2, search_pb2_grpc
 
-from facegrid_search import convert, names
+from facegrid_search import convert
 from facegrid_search.core import Collection, SearchCore
 from facegrid_search.records import CollectionSpec, Match, SubjectRow
 
@@ -88,9 +89,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
     async def ListCollections(  # noqa: N802
         self, request: S.SearchServiceListCollectionsRequest, context: Context
     ) -> S.SearchServiceListCollectionsResponse:
-        size = convert.page_size(request.page_size)
-        fingerprint = convert.request_fingerprint("collections")
-        after = convert.decode_page_token(request.page_token, fingerprint)
+        size = paging.page_size(request.page_size)
+        fingerprint = paging.request_fingerprint("collections")
+        after = paging.decode_page_token(request.page_token, fingerprint)
         specs = [s for s in await self._core.list_specs() if s.collection_id > after]
         page = specs[:size]
         collections = []
@@ -100,7 +101,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
             )
         token = ""
         if len(specs) > size:
-            token = convert.encode_page_token(page[-1].collection_id, fingerprint)
+            token = paging.encode_page_token(page[-1].collection_id, fingerprint)
         return S.SearchServiceListCollectionsResponse(
             collections=collections, next_page_token=token
         )
@@ -166,12 +167,12 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
         self, request: S.SearchServiceListFacesRequest, context: Context
     ) -> S.SearchServiceListFacesResponse:
         collection_id = names.parse_collection(request.parent, "parent")
-        size = convert.page_size(request.page_size)
+        size = paging.page_size(request.page_size)
         face_filter = convert.face_filter(request.filter)
-        fingerprint = convert.request_fingerprint(
+        fingerprint = paging.request_fingerprint(
             collection_id, request.filter.SerializeToString(deterministic=True).hex()
         )
-        after = convert.decode_page_token(request.page_token, fingerprint)
+        after = paging.decode_page_token(request.page_token, fingerprint)
         collection = await self._core.collection(collection_id)
         rows, more = await self._core.page(collection, face_filter, after, size)
         full = request.view == S.FACE_VIEW_FULL
@@ -179,7 +180,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
         if full and rows:
             found = await self._core.face_rows(collection, [r.face_id for r in rows], True)
             vectors = {face_id: vector for face_id, (_, vector) in found.items()}
-        token = convert.encode_page_token(rows[-1].face_id, fingerprint) if more else ""
+        token = paging.encode_page_token(rows[-1].face_id, fingerprint) if more else ""
         return S.SearchServiceListFacesResponse(
             faces=[
                 convert.face_message(collection_id, row, vectors.get(row.face_id)) for row in rows
@@ -270,9 +271,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
         self, request: S.SearchServiceListSubjectsRequest, context: Context
     ) -> S.SearchServiceListSubjectsResponse:
         collection_id = names.parse_collection(request.parent, "parent")
-        size = convert.page_size(request.page_size)
-        fingerprint = convert.request_fingerprint(collection_id, "subjects")
-        after = convert.decode_page_token(request.page_token, fingerprint)
+        size = paging.page_size(request.page_size)
+        fingerprint = paging.request_fingerprint(collection_id, "subjects")
+        after = paging.decode_page_token(request.page_token, fingerprint)
         collection = await self._core.collection(collection_id)
         rows = await self._core.list_subjects(collection, after, size + 1)
         page = rows[:size]
@@ -283,7 +284,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
             for row in page
         ]
         token = (
-            convert.encode_page_token(page[-1].subject_id, fingerprint) if len(rows) > size else ""
+            paging.encode_page_token(page[-1].subject_id, fingerprint) if len(rows) > size else ""
         )
         return S.SearchServiceListSubjectsResponse(subjects=subjects, next_page_token=token)
 

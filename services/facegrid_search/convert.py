@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from facegrid import names
 from facegrid.errors import invalid_argument, invalid_arguments
 from facegrid.similarity import Calibration
 from facegrid.v1 import common_pb2, resources_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from facegrid_search import names
 from facegrid_search.records import CollectionSpec, FaceFilter, FaceRow, SubjectRow, Vectors
 
 MAX_FILTER_VALUES = 100
 UNIT_NORM_TOLERANCE = 1e-3
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 # Fields of Collection that are computed, not stored.
 COLLECTION_OUTPUT_ONLY = ("name", "face_count", "subject_count", "create_time")
 
@@ -183,36 +178,3 @@ def subject_message(collection_id: str, row: SubjectRow, face_count: int) -> res
         json_format.ParseDict(row.metadata, subject.metadata)
     subject.create_time.FromMicroseconds(row.create_time_us)
     return subject
-
-
-# ---------------------------------------------------------------- paging
-
-
-def page_size(value: int, field: str = "page_size") -> int:
-    if value < 0:
-        raise invalid_argument(field, f"must not be negative, got {value}")
-    return DEFAULT_PAGE_SIZE if value == 0 else min(value, MAX_PAGE_SIZE)
-
-
-def request_fingerprint(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def encode_page_token(after: str, fingerprint: str) -> str:
-    raw = json.dumps({"a": after, "f": fingerprint}).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_page_token(token: str, fingerprint: str, field: str = "page_token") -> str:
-    """The key to continue after; "" for the first page."""
-    if not token:
-        return ""
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        after, expected = str(data["a"]), str(data["f"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise invalid_argument(field, "not a page token of this service") from exc
-    if expected != fingerprint:
-        raise invalid_argument(field, "the page token belongs to a request with other parameters")
-    return after

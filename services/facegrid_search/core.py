@@ -18,11 +18,11 @@ from typing import TypeVar
 
 from facegrid.config import SearchCache, StoreSettings
 from facegrid.errors import already_exists, failed_precondition, not_found
+from facegrid.names import FaceName, SubjectName, collection_name
 from facegrid.similarity import Calibration
 
 from facegrid_search.cache import FaceCache
 from facegrid_search.convert import calibration_of
-from facegrid_search.names import FaceName, SubjectName, collection_name
 from facegrid_search.records import (
     CollectionSpec,
     FaceFilter,

@@ -1,4 +1,4 @@
-"""Resource names and ids of the search service, validated in one place.
+"""Resource names and ids of the public API, validated in one place.
 
 Every id that reaches a Milvus filter expression has been checked against one of these
 patterns first, so caller input is always data and can never change a query's shape.

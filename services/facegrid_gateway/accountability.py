@@ -1,0 +1,178 @@
+"""Authentication, scopes and audit around every FaceService call.
+
+Each public method is declared with the scope it needs and whether it is audited.
+The wrapper authenticates the bearer token (UNAUTHENTICATED), checks the scope
+(PERMISSION_DENIED), runs the method with an :class:`AuditDraft` to fill in, and for
+audited methods writes the record, success or failure, before anything is returned.
+If the record cannot be written the call fails with UNAVAILABLE and returns nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import grpc
+from facegrid.auth import AUTHORIZATION_HEADER, BEARER_PREFIX, Credentials, Principal
+from facegrid.errors import ServiceError, internal, unavailable
+from facegrid.v1 import common_pb2, face_service_pb2
+from google.protobuf import timestamp_pb2
+from google.protobuf.descriptor import FieldDescriptor
+from google.rpc import error_details_pb2
+
+from facegrid_gateway.audit import AuditLog
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "facegrid.v1.FaceService"
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+class AuditDraft:
+    """What a method tells the audit log about its call; the wrapper adds the rest."""
+
+    def __init__(self, record: face_service_pb2.AuditRecord) -> None:
+        self.record = record
+
+    def context(self, context: common_pb2.IdentificationContext) -> None:
+        self.record.context.CopyFrom(context)
+
+    def collection(self, name: str) -> None:
+        self.record.collection = name
+
+    def target(self, name: str) -> None:
+        self.record.target = name
+
+    def images(self, *images: bytes) -> None:
+        self.record.image_digests.extend(hashlib.sha256(i).digest() for i in images)
+
+    def threshold(self, threshold: common_pb2.MatchThreshold) -> None:
+        self.record.threshold.CopyFrom(threshold)
+
+    def model_version(self, version: str) -> None:
+        self.record.model_version = version
+
+    def results(
+        self, names: Iterable[str], similarities: Iterable[float] = (), count: int | None = None
+    ) -> None:
+        self.record.result_resources.extend(names)
+        self.record.result_count = len(self.record.result_resources) if count is None else count
+        scores = list(similarities)
+        if scores:
+            self.record.top_similarity = max(scores)
+
+
+Method = Callable[[Any, Any, grpc.aio.ServicerContext, AuditDraft], Awaitable[Any]]
+
+
+class Gatekeeper:
+    """Authenticates callers, checks scopes and writes audit records."""
+
+    def __init__(self, credentials: Credentials, audit_log: AuditLog) -> None:
+        self.credentials = credentials
+        self.audit_log = audit_log
+
+    def authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
+        for key, value in context.invocation_metadata() or ():
+            if key == AUTHORIZATION_HEADER and isinstance(value, str):
+                if value.startswith(BEARER_PREFIX):
+                    principal = self.credentials.authenticate(value[len(BEARER_PREFIX) :])
+                    if principal is not None:
+                        return principal
+                break
+        raise ServiceError(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or invalid credentials: send 'authorization: Bearer <token>'",
+            [error_details_pb2.ErrorInfo(reason="UNAUTHENTICATED", domain="facegrid.dev")],
+        )
+
+    async def run(
+        self,
+        method_name: str,
+        scope: str,
+        audited: bool,
+        method: Method,
+        servicer: Any,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+    ) -> Any:
+        received = timestamp_pb2.Timestamp()
+        received.GetCurrentTime()
+        principal = self.authenticate(context)
+        draft = AuditDraft(
+            face_service_pb2.AuditRecord(
+                create_time=received,
+                principal=principal.name,
+                method=f"/{SERVICE_NAME}/{method_name}",
+                client_address=context.peer() or "",
+            )
+        )
+        try:
+            if scope not in principal.scopes:
+                raise ServiceError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{method_name} needs the scope {scope!r}",
+                    [
+                        error_details_pb2.ErrorInfo(
+                            reason="MISSING_SCOPE",
+                            domain="facegrid.dev",
+                            metadata={"scope": scope},
+                        )
+                    ],
+                )
+            response = await method(servicer, request, context, draft)
+        except ServiceError as error:
+            if audited:
+                await self._write(draft, error.code)
+            raise
+        except asyncio.CancelledError:
+            # The caller's deadline ran out (or it went away): still on the record.
+            if audited:
+                await self._write(draft, grpc.StatusCode.DEADLINE_EXCEEDED)
+            raise
+        except Exception:
+            if audited:
+                await self._write(draft, grpc.StatusCode.INTERNAL)
+            log.exception("unhandled error in %s", method_name)
+            raise internal(f"internal error in {method_name}") from None
+        if audited:
+            stored = await self._write(draft, grpc.StatusCode.OK)
+            field = response.DESCRIPTOR.fields_by_name.get("audit_record")
+            if field is not None and field.type == FieldDescriptor.TYPE_STRING:
+                response.audit_record = stored.name  # identification responses name their record
+        return response
+
+    async def _write(
+        self, draft: AuditDraft, code: grpc.StatusCode
+    ) -> face_service_pb2.AuditRecord:
+        draft.record.status_code = int(code.value[0])
+        try:
+            return await self.audit_log.append(draft.record)
+        except Exception as exc:
+            log.exception("the audit record could not be written")
+            raise unavailable(
+                "the audit record could not be written; no results are returned",
+                "AUDIT_UNAVAILABLE",
+            ) from exc
+
+
+def guarded(scope: str, audited: bool) -> Callable[[Method], Callable[..., Awaitable[Any]]]:
+    """Declare a servicer method's scope and whether it is audited."""
+
+    def decorate(method: Method) -> Callable[..., Awaitable[Any]]:
+        @functools.wraps(method)
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            gatekeeper: Gatekeeper = self.gatekeeper
+            return await gatekeeper.run(
+                method.__name__, scope, audited, method, self, request, context
+            )
+
+        wrapper.__facegrid_scope__ = scope  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate

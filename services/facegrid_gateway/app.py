@@ -1,0 +1,725 @@
+"""The gateway: the public FaceService, orchestrating detection -> embedding -> search.
+
+It owns authentication, scopes, the audit log, the administrator's threshold and
+quality policy, and request validation; the other services own their data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import uuid
+from typing import TypeAlias
+
+import grpc
+from facegrid import names, paging
+from facegrid.auth import (
+    SCOPE_ADMIN,
+    SCOPE_AUDIT,
+    SCOPE_COMPARE,
+    SCOPE_DELETE,
+    SCOPE_DETECT,
+    SCOPE_ENROL,
+    SCOPE_READ,
+    SCOPE_SEARCH,
+    Credentials,
+)
+from facegrid.config import Settings
+from facegrid.errors import invalid_argument, not_found
+from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
+from facegrid.v1 import (
+    common_pb2,
+    face_service_pb2,
+    face_service_pb2_grpc,
+    resources_pb2,
+    search_pb2,
+)
+
+from facegrid_gateway import validation
+from facegrid_gateway.accountability import AuditDraft, Gatekeeper, guarded
+from facegrid_gateway.audit import NAME_PREFIX, AuditLog
+from facegrid_gateway.downstream import Downstream
+from facegrid_gateway.faces import FacePipeline, Probe, cosines, without_chip
+from facegrid_gateway.policy import QualityPolicy, ThresholdPolicy
+
+log = logging.getLogger(__name__)
+
+F = face_service_pb2
+S = search_pb2
+Context: TypeAlias = grpc.aio.ServicerContext
+Reason = F.UnindexedReason
+
+MAX_DETECT_FACES = 100
+MAX_INDEX_FACES = 100
+MAX_MATCHES = 4096
+DEFAULT_MATCHES = 10
+MAX_SUBJECT_MATCHES = 1000
+# Face and image ids of an IndexFaces call with a request_id are derived from it.
+_FACE_ID_NAMESPACE = uuid.UUID("5b0c3f7e-2a9d-4c61-9d0e-6f1f0f7c2b10")
+
+
+class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[misc]
+    def __init__(
+        self,
+        settings: Settings,
+        gatekeeper: Gatekeeper,
+        downstream: Downstream,
+        pipeline: FacePipeline,
+    ) -> None:
+        self._settings = settings
+        self.gatekeeper = gatekeeper
+        self._downstream = downstream
+        self._pipeline = pipeline
+        self._thresholds: ThresholdPolicy | None = None
+
+    # ---------------------------------------------------------------- helpers
+
+    async def _search_call(
+        self, method_name: str, request: object, context: Context, **renames: str
+    ) -> object:
+        search = self._downstream.search
+        return await self._downstream.call(
+            getattr(search, method_name), request, context, "search", renames or None
+        )
+
+    async def _threshold(
+        self, context: Context, purpose: int, requested: float | None, field: str
+    ) -> common_pb2.MatchThreshold:
+        if self._thresholds is None:
+            model = await self._pipeline.model(context)
+            self._thresholds = ThresholdPolicy(self._settings.gateway, model.default_threshold)
+        return self._thresholds.decide(purpose, requested, field)
+
+    async def _collection(
+        self, name: str, context: Context, field: str
+    ) -> resources_pb2.Collection:
+        response = await self._search_call(
+            "GetCollection", S.SearchServiceGetCollectionRequest(name=name), context, name=field
+        )
+        assert isinstance(response, S.SearchServiceGetCollectionResponse)
+        return response.collection
+
+    # ---------------------------------------------------------------- detection
+
+    @guarded(SCOPE_DETECT, audited=False)
+    async def DetectFaces(  # noqa: N802
+        self, request: F.DetectFacesRequest, context: Context, audit: AuditDraft
+    ) -> F.DetectFacesResponse:
+        max_faces = validation.count(request.max_faces, "max_faces", MAX_DETECT_FACES, 100)
+        detected = await self._pipeline.detect(
+            request.image,
+            context,
+            include_chips=False,
+            max_faces=max_faces,
+            min_confidence=request.min_confidence if request.HasField("min_confidence") else None,
+        )
+        found = detected.response
+        return F.DetectFacesResponse(
+            faces=found.faces,
+            image_width=found.image_width,
+            image_height=found.image_height,
+            orientation=found.orientation,
+            model_version=found.model_version,
+        )
+
+    @guarded(SCOPE_COMPARE, audited=True)
+    async def CompareFaces(  # noqa: N802
+        self, request: F.CompareFacesRequest, context: Context, audit: AuditDraft
+    ) -> F.CompareFacesResponse:
+        audit.context(request.context)
+        audit.images(request.source_image, request.target_image)
+        validation.identification_context(request.context)
+        threshold = await self._threshold(
+            context,
+            request.context.purpose,
+            request.similarity_threshold if request.HasField("similarity_threshold") else None,
+            "similarity_threshold",
+        )
+        audit.threshold(threshold)
+        level = self._pipeline.quality.level(request.quality_filter)
+        source, target = await asyncio.gather(
+            self._pipeline.probe(
+                request.source_image, request.quality_filter, context, "source_image"
+            ),
+            self._pipeline.detect(request.target_image, context, "target_image"),
+        )
+        usable = [f for f in target.faces if not self._pipeline.quality.reasons(f, level)]
+        embeddings, _ = await self._pipeline.embed(usable, context)
+        model = await self._pipeline.model(context)
+        scores = cosines(source.embedding, embeddings)
+        matches: list[F.CompareFacesMatch] = []
+        unmatched = [without_chip(f) for f in target.faces if f not in usable]
+        for face, cosine in zip(usable, scores, strict=True):
+            similarity = model.calibration.similarity(float(cosine))
+            if similarity >= threshold.applied:
+                matches.append(
+                    F.CompareFacesMatch(
+                        face=without_chip(face),
+                        similarity=similarity,
+                        cosine_similarity=float(cosine),
+                        distance=math.sqrt(max(0.0, 2.0 - 2.0 * float(cosine))),
+                        threshold_applied=threshold.applied,
+                        model_version=source.model_version,
+                    )
+                )
+            else:
+                unmatched.append(without_chip(face))
+        matches.sort(key=lambda m: -m.similarity)
+        audit.model_version(source.model_version)
+        audit.results((), [m.similarity for m in matches], count=len(matches))
+        return F.CompareFacesResponse(
+            source_face=source.face,
+            face_matches=matches,
+            unmatched_faces=unmatched,
+            threshold=threshold,
+            model_version=source.model_version,
+        )
+
+    # ---------------------------------------------------------------- collections
+
+    @guarded(SCOPE_ADMIN, audited=True)
+    async def CreateCollection(  # noqa: N802
+        self, request: F.CreateCollectionRequest, context: Context, audit: AuditDraft
+    ) -> F.CreateCollectionResponse:
+        audit.collection(f"collections/{request.collection_id}")
+        model = await self._pipeline.model(context)
+        given = request.collection
+        collection = resources_pb2.Collection(
+            display_name=given.display_name,
+            description=given.description,
+            dimension=model.dimension,
+            metric=resources_pb2.METRIC_COSINE,
+            model_version=model.version,
+            similarity_calibration=model.calibration_message,
+        )
+        if given.HasField("face_retention"):
+            collection.face_retention.CopyFrom(given.face_retention)
+        response = await self._search_call(
+            "CreateCollection",
+            S.SearchServiceCreateCollectionRequest(
+                collection_id=request.collection_id, collection=collection
+            ),
+            context,
+        )
+        assert isinstance(response, S.SearchServiceCreateCollectionResponse)
+        audit.model_version(model.version)
+        return F.CreateCollectionResponse(collection=response.collection)
+
+    @guarded(SCOPE_READ, audited=False)
+    async def GetCollection(  # noqa: N802
+        self, request: F.GetCollectionRequest, context: Context, audit: AuditDraft
+    ) -> F.GetCollectionResponse:
+        return F.GetCollectionResponse(
+            collection=await self._collection(request.name, context, "name")
+        )
+
+    @guarded(SCOPE_READ, audited=False)
+    async def ListCollections(  # noqa: N802
+        self, request: F.ListCollectionsRequest, context: Context, audit: AuditDraft
+    ) -> F.ListCollectionsResponse:
+        response = await self._search_call(
+            "ListCollections",
+            S.SearchServiceListCollectionsRequest(
+                page_size=request.page_size, page_token=request.page_token
+            ),
+            context,
+        )
+        assert isinstance(response, S.SearchServiceListCollectionsResponse)
+        return F.ListCollectionsResponse(
+            collections=response.collections, next_page_token=response.next_page_token
+        )
+
+    @guarded(SCOPE_ADMIN, audited=True)
+    async def DeleteCollection(  # noqa: N802
+        self, request: F.DeleteCollectionRequest, context: Context, audit: AuditDraft
+    ) -> F.DeleteCollectionResponse:
+        audit.collection(request.name)
+        response = await self._search_call(
+            "DeleteCollection",
+            S.SearchServiceDeleteCollectionRequest(name=request.name, force=request.force),
+            context,
+        )
+        assert isinstance(response, S.SearchServiceDeleteCollectionResponse)
+        audit.results((), count=int(response.deleted_face_count))
+        return F.DeleteCollectionResponse(deleted_face_count=response.deleted_face_count)
+
+    # ---------------------------------------------------------------- faces
+
+    @guarded(SCOPE_ENROL, audited=True)
+    async def IndexFaces(  # noqa: N802
+        self, request: F.IndexFacesRequest, context: Context, audit: AuditDraft
+    ) -> F.IndexFacesResponse:
+        audit.collection(request.parent)
+        audit.images(request.image)
+        collection_id = names.parse_collection(request.parent, "parent")
+        subject_id = validation.optional_id(request.subject_id, names.SUBJECT_ID, "subject_id")
+        default_max = 1 if subject_id else MAX_INDEX_FACES
+        max_faces = validation.count(
+            request.max_faces, "max_faces", 1 if subject_id else MAX_INDEX_FACES, default_max
+        )
+        validation.optional_id(
+            request.external_image_id, names.EXTERNAL_IMAGE_ID, "external_image_id"
+        )
+        validation.optional_id(request.source_id, names.SOURCE_ID, "source_id")
+        validation.metadata(request.metadata)
+        request_uuid = validation.request_id(request.request_id)
+        level = self._pipeline.quality.level(request.quality_filter)
+        if subject_id:
+            subject = str(names.SubjectName(collection_id, subject_id))
+            audit.target(subject)
+            await self._search_call(
+                "GetSubject",
+                S.SearchServiceGetSubjectRequest(name=subject),
+                context,
+                name="subject_id",
+            )
+        else:
+            await self._collection(request.parent, context, "parent")
+        detected = await self._pipeline.detect(request.image, context)
+        chosen: list[common_pb2.FaceDetail] = []
+        unindexed: list[F.UnindexedFace] = []
+        for face in detected.faces:
+            reasons = self._pipeline.quality.reasons(face, level)
+            if not reasons and len(chosen) >= max_faces:
+                reasons = [Reason.UNINDEXED_REASON_EXCEEDS_MAX_FACES]
+            if reasons:
+                unindexed.append(F.UnindexedFace(face_detail=without_chip(face), reasons=reasons))
+            else:
+                chosen.append(face)
+        embeddings, model_version = await self._pipeline.embed(chosen, context)
+        image_digest = hashlib.sha256(request.image).hexdigest()
+        image_id = _derived_id(request_uuid, request.parent, image_digest, "image")
+        faces = []
+        for index, (face, embedding) in enumerate(zip(chosen, embeddings, strict=True)):
+            face_id = _derived_id(request_uuid, request.parent, image_digest, str(index))
+            faces.append(
+                resources_pb2.Face(
+                    name=str(names.FaceName(collection_id, face_id)),
+                    subject_id=subject_id,
+                    external_image_id=request.external_image_id,
+                    image_id=image_id,
+                    source_id=request.source_id,
+                    metadata=request.metadata,
+                    bounding_box=face.bounding_box,
+                    confidence=face.confidence,
+                    quality=face.quality,
+                    model_version=model_version,
+                    embedding=embedding,
+                )
+            )
+        stored: list[resources_pb2.Face] = []
+        if faces:
+            response = await self._search_call(
+                "BatchUpsertFaces",
+                S.SearchServiceBatchUpsertFacesRequest(parent=request.parent, faces=faces),
+                context,
+            )
+            assert isinstance(response, S.SearchServiceBatchUpsertFacesResponse)
+            stored = list(response.faces)
+        audit.model_version(model_version)
+        audit.results(f.name for f in stored)
+        for stored_face in stored:
+            stored_face.ClearField("embedding")
+        return F.IndexFacesResponse(
+            face_records=[
+                F.FaceRecord(face=face, face_detail=without_chip(detail))
+                for face, detail in zip(stored, chosen, strict=True)
+            ],
+            unindexed_faces=unindexed,
+            image_id=image_id,
+            image_width=detected.response.image_width,
+            image_height=detected.response.image_height,
+            orientation=detected.response.orientation,
+            model_version=model_version,
+        )
+
+    @guarded(SCOPE_READ, audited=False)
+    async def GetFace(  # noqa: N802
+        self, request: F.GetFaceRequest, context: Context, audit: AuditDraft
+    ) -> F.GetFaceResponse:
+        response = await self._search_call(
+            "GetFace",
+            S.SearchServiceGetFaceRequest(name=request.name, view=S.FACE_VIEW_BASIC),
+            context,
+        )
+        assert isinstance(response, S.SearchServiceGetFaceResponse)
+        return F.GetFaceResponse(face=response.face)
+
+    @guarded(SCOPE_READ, audited=False)
+    async def ListFaces(  # noqa: N802
+        self, request: F.ListFacesRequest, context: Context, audit: AuditDraft
+    ) -> F.ListFacesResponse:
+        response = await self._search_call(
+            "ListFaces",
+            S.SearchServiceListFacesRequest(
+                parent=request.parent,
+                page_size=request.page_size,
+                page_token=request.page_token,
+                filter=request.filter,
+                view=S.FACE_VIEW_BASIC,
+            ),
+            context,
+        )
+        assert isinstance(response, S.SearchServiceListFacesResponse)
+        return F.ListFacesResponse(faces=response.faces, next_page_token=response.next_page_token)
+
+    @guarded(SCOPE_DELETE, audited=True)
+    async def BatchDeleteFaces(  # noqa: N802
+        self, request: F.BatchDeleteFacesRequest, context: Context, audit: AuditDraft
+    ) -> F.BatchDeleteFacesResponse:
+        audit.collection(request.parent)
+        response = await self._search_call(
+            "BatchDeleteFaces",
+            S.SearchServiceBatchDeleteFacesRequest(
+                parent=request.parent, names=request.names, allow_missing=request.allow_missing
+            ),
+            context,
+        )
+        assert isinstance(response, S.SearchServiceBatchDeleteFacesResponse)
+        audit.results(response.deleted_faces)
+        return F.BatchDeleteFacesResponse(deleted_faces=response.deleted_faces)
+
+    # ---------------------------------------------------------------- search
+
+    @guarded(SCOPE_SEARCH, audited=True)
+    async def SearchFaces(  # noqa: N802
+        self, request: F.SearchFacesRequest, context: Context, audit: AuditDraft
+    ) -> F.SearchFacesResponse:
+        audit.context(request.context)
+        audit.target(request.face)
+        validation.identification_context(request.context)
+        face_name = names.parse_face(request.face, "face")
+        audit.collection(names.collection_name(face_name.collection))
+        max_faces = validation.count(request.max_faces, "max_faces", MAX_MATCHES, DEFAULT_MATCHES)
+        threshold = await self._threshold(
+            context,
+            request.context.purpose,
+            request.face_match_threshold if request.HasField("face_match_threshold") else None,
+            "face_match_threshold",
+        )
+        audit.threshold(threshold)
+        found = await self._search_call(
+            "GetFace",
+            S.SearchServiceGetFaceRequest(name=request.face, view=S.FACE_VIEW_FULL),
+            context,
+            name="face",
+        )
+        assert isinstance(found, S.SearchServiceGetFaceResponse)
+        stored = found.face
+        matches = await self._search(
+            names.collection_name(face_name.collection),
+            stored.embedding,
+            stored.model_version,
+            min(max_faces + 1, MAX_MATCHES),
+            threshold,
+            context,
+        )
+        matches = [m for m in matches if m.face.name != request.face][:max_faces]
+        audit.model_version(stored.model_version)
+        audit.results([m.face.name for m in matches], [m.similarity for m in matches])
+        return F.SearchFacesResponse(
+            searched_face=request.face,
+            face_matches=matches,
+            threshold=threshold,
+            model_version=stored.model_version,
+        )
+
+    async def _search(
+        self,
+        parent: str,
+        embedding: common_pb2.Embedding,
+        model_version: str,
+        top_k: int,
+        threshold: common_pb2.MatchThreshold,
+        context: Context,
+        group_by_subject: bool = False,
+    ) -> list[resources_pb2.FaceMatch]:
+        query = common_pb2.Embedding(values=embedding.values)
+        response = await self._search_call(
+            "SearchFaces",
+            S.SearchServiceSearchFacesRequest(
+                parent=parent,
+                queries=[query],
+                model_version=model_version,
+                top_k=top_k,
+                min_similarity=threshold.applied,
+                group_by_subject=group_by_subject,
+            ),
+            context,
+        )
+        assert isinstance(response, S.SearchServiceSearchFacesResponse)
+        return list(response.results[0].matches)
+
+    @guarded(SCOPE_SEARCH, audited=True)
+    async def SearchFacesByImage(  # noqa: N802
+        self, request: F.SearchFacesByImageRequest, context: Context, audit: AuditDraft
+    ) -> F.SearchFacesByImageResponse:
+        audit.context(request.context)
+        audit.collection(request.parent)
+        audit.images(request.image)
+        validation.identification_context(request.context)
+        names.parse_collection(request.parent, "parent")
+        max_faces = validation.count(request.max_faces, "max_faces", MAX_MATCHES, DEFAULT_MATCHES)
+        threshold = await self._threshold(
+            context,
+            request.context.purpose,
+            request.face_match_threshold if request.HasField("face_match_threshold") else None,
+            "face_match_threshold",
+        )
+        audit.threshold(threshold)
+        probe = await self._probe_in(request.parent, request.image, request.quality_filter, context)
+        matches = await self._search(
+            request.parent, probe.embedding, probe.model_version, max_faces, threshold, context
+        )
+        audit.model_version(probe.model_version)
+        audit.results([m.face.name for m in matches], [m.similarity for m in matches])
+        return F.SearchFacesByImageResponse(
+            searched_face=probe.face,
+            detected_face_count=probe.detected_face_count,
+            face_matches=matches,
+            threshold=threshold,
+            model_version=probe.model_version,
+        )
+
+    async def _probe_in(
+        self, parent: str, image: bytes, quality_filter: int, context: Context
+    ) -> Probe:
+        """The image's probe face, found while the collection's existence is checked."""
+        probing = asyncio.ensure_future(self._pipeline.probe(image, quality_filter, context))
+        try:
+            await self._collection(parent, context, "parent")
+        except BaseException:
+            probing.cancel()
+            raise
+        return await probing
+
+    # ---------------------------------------------------------------- subjects
+
+    @guarded(SCOPE_ENROL, audited=True)
+    async def CreateSubject(  # noqa: N802
+        self, request: F.CreateSubjectRequest, context: Context, audit: AuditDraft
+    ) -> F.CreateSubjectResponse:
+        audit.collection(request.parent)
+        audit.target(f"{request.parent}/subjects/{request.subject_id}")
+        validation.metadata(request.subject.metadata, "subject.metadata")
+        response = await self._search_call(
+            "CreateSubject",
+            S.SearchServiceCreateSubjectRequest(
+                parent=request.parent, subject_id=request.subject_id, subject=request.subject
+            ),
+            context,
+        )
+        assert isinstance(response, S.SearchServiceCreateSubjectResponse)
+        return F.CreateSubjectResponse(subject=response.subject)
+
+    @guarded(SCOPE_READ, audited=False)
+    async def GetSubject(  # noqa: N802
+        self, request: F.GetSubjectRequest, context: Context, audit: AuditDraft
+    ) -> F.GetSubjectResponse:
+        response = await self._search_call(
+            "GetSubject", S.SearchServiceGetSubjectRequest(name=request.name), context
+        )
+        assert isinstance(response, S.SearchServiceGetSubjectResponse)
+        return F.GetSubjectResponse(subject=response.subject)
+
+    @guarded(SCOPE_READ, audited=False)
+    async def ListSubjects(  # noqa: N802
+        self, request: F.ListSubjectsRequest, context: Context, audit: AuditDraft
+    ) -> F.ListSubjectsResponse:
+        response = await self._search_call(
+            "ListSubjects",
+            S.SearchServiceListSubjectsRequest(
+                parent=request.parent, page_size=request.page_size, page_token=request.page_token
+            ),
+            context,
+        )
+        assert isinstance(response, S.SearchServiceListSubjectsResponse)
+        return F.ListSubjectsResponse(
+            subjects=response.subjects, next_page_token=response.next_page_token
+        )
+
+    @guarded(SCOPE_DELETE, audited=True)
+    async def DeleteSubject(  # noqa: N802
+        self, request: F.DeleteSubjectRequest, context: Context, audit: AuditDraft
+    ) -> F.DeleteSubjectResponse:
+        audit.target(request.name)
+        subject = names.parse_subject(request.name)
+        audit.collection(names.collection_name(subject.collection))
+        response = await self._search_call(
+            "DeleteSubject",
+            S.SearchServiceDeleteSubjectRequest(name=request.name, force=request.force),
+            context,
+        )
+        assert isinstance(response, S.SearchServiceDeleteSubjectResponse)
+        audit.results((), count=int(response.deleted_face_count))
+        return F.DeleteSubjectResponse(deleted_face_count=response.deleted_face_count)
+
+    @guarded(SCOPE_ENROL, audited=True)
+    async def AssociateFaces(  # noqa: N802
+        self, request: F.AssociateFacesRequest, context: Context, audit: AuditDraft
+    ) -> F.AssociateFacesResponse:
+        subject = await self._change_subject("AssociateFaces", request, context, audit)
+        return F.AssociateFacesResponse(subject=subject)
+
+    @guarded(SCOPE_ENROL, audited=True)
+    async def DisassociateFaces(  # noqa: N802
+        self, request: F.DisassociateFacesRequest, context: Context, audit: AuditDraft
+    ) -> F.DisassociateFacesResponse:
+        subject = await self._change_subject("DisassociateFaces", request, context, audit)
+        return F.DisassociateFacesResponse(subject=subject)
+
+    async def _change_subject(
+        self,
+        method: str,
+        request: F.AssociateFacesRequest | F.DisassociateFacesRequest,
+        context: Context,
+        audit: AuditDraft,
+    ) -> resources_pb2.Subject:
+        audit.target(request.subject)
+        subject = names.parse_subject(request.subject, "subject")
+        audit.collection(names.collection_name(subject.collection))
+        search_request = getattr(S, f"SearchService{method}Request")(
+            subject=request.subject, faces=request.faces
+        )
+        response = await self._search_call(method, search_request, context)
+        audit.results(request.faces)
+        return response.subject  # type: ignore[attr-defined, no-any-return]
+
+    @guarded(SCOPE_SEARCH, audited=True)
+    async def SearchSubjectsByImage(  # noqa: N802
+        self, request: F.SearchSubjectsByImageRequest, context: Context, audit: AuditDraft
+    ) -> F.SearchSubjectsByImageResponse:
+        audit.context(request.context)
+        audit.collection(request.parent)
+        audit.images(request.image)
+        validation.identification_context(request.context)
+        collection_id = names.parse_collection(request.parent, "parent")
+        max_subjects = validation.count(
+            request.max_subjects, "max_subjects", MAX_SUBJECT_MATCHES, DEFAULT_MATCHES
+        )
+        threshold = await self._threshold(
+            context,
+            request.context.purpose,
+            request.subject_match_threshold
+            if request.HasField("subject_match_threshold")
+            else None,
+            "subject_match_threshold",
+        )
+        audit.threshold(threshold)
+        probe = await self._probe_in(request.parent, request.image, request.quality_filter, context)
+        matches = await self._search(
+            request.parent,
+            probe.embedding,
+            probe.model_version,
+            max_subjects,
+            threshold,
+            context,
+            group_by_subject=True,
+        )
+        subjects = await asyncio.gather(
+            *(
+                self._search_call(
+                    "GetSubject",
+                    S.SearchServiceGetSubjectRequest(
+                        name=str(names.SubjectName(collection_id, m.face.subject_id))
+                    ),
+                    context,
+                )
+                for m in matches
+            )
+        )
+        subject_matches = [
+            F.SubjectMatch(
+                subject=found.subject,  # type: ignore[attr-defined]
+                similarity=match.similarity,
+                best_face_match=match,
+                threshold_applied=threshold.applied,
+                model_version=probe.model_version,
+            )
+            for found, match in zip(subjects, matches, strict=True)
+        ]
+        audit.model_version(probe.model_version)
+        audit.results(
+            [m.subject.name for m in subject_matches], [m.similarity for m in subject_matches]
+        )
+        return F.SearchSubjectsByImageResponse(
+            searched_face=probe.face,
+            detected_face_count=probe.detected_face_count,
+            subject_matches=subject_matches,
+            threshold=threshold,
+            model_version=probe.model_version,
+        )
+
+    # ---------------------------------------------------------------- audit
+
+    @guarded(SCOPE_AUDIT, audited=True)
+    async def GetAuditRecord(  # noqa: N802
+        self, request: F.GetAuditRecordRequest, context: Context, audit: AuditDraft
+    ) -> F.GetAuditRecordResponse:
+        audit.target(request.name)
+        record_id = request.name.removeprefix(NAME_PREFIX)
+        if not request.name.startswith(NAME_PREFIX) or not record_id:
+            raise invalid_argument("name", "must be auditRecords/{audit_record}")
+        record = await self.gatekeeper.audit_log.get(record_id)
+        if record is None:
+            raise not_found("facegrid.v1.AuditRecord", request.name)
+        return F.GetAuditRecordResponse(audit_record=record)
+
+    @guarded(SCOPE_AUDIT, audited=True)
+    async def ListAuditRecords(  # noqa: N802
+        self, request: F.ListAuditRecordsRequest, context: Context, audit: AuditDraft
+    ) -> F.ListAuditRecordsResponse:
+        size = paging.page_size(request.page_size)
+        fingerprint = paging.request_fingerprint(
+            "audit", request.filter.SerializeToString(deterministic=True).hex()
+        )
+        after = paging.decode_page_token(request.page_token, fingerprint)
+        page = await self.gatekeeper.audit_log.list(request.filter, int(after or 0), size)
+        token = paging.encode_page_token(str(page.last_sequence), fingerprint) if page.more else ""
+        audit.results((), count=len(page.records))
+        return F.ListAuditRecordsResponse(audit_records=page.records, next_page_token=token)
+
+
+def _derived_id(request_uuid: uuid.UUID | None, parent: str, digest: str, part: str) -> str:
+    """A fresh UUID, or one derived from the request id so that a retry stores the same."""
+    if request_uuid is None:
+        return str(uuid.uuid4())
+    return str(uuid.uuid5(_FACE_ID_NAMESPACE, f"{request_uuid}/{parent}/{digest}/{part}"))
+
+
+async def serve(settings: Settings) -> None:
+    gateway = settings.gateway
+    credentials = Credentials.load(gateway.credentials_file)
+    if not len(credentials):
+        log.warning(
+            "no callers in %s: every call will be UNAUTHENTICATED "
+            "(create one with `facegrid token create`)",
+            gateway.credentials_file,
+        )
+    ThresholdPolicy(gateway, 0.0)  # refuses a misconfigured policy before serving
+    audit_log = AuditLog(gateway.audit_path)
+    downstream = Downstream(settings)
+    pipeline = FacePipeline(downstream, QualityPolicy(gateway))
+    servicer = FaceServicer(settings, Gatekeeper(credentials, audit_log), downstream, pipeline)
+    server = FacegridServer(
+        "gateway",
+        [
+            ServiceRegistration.of(
+                face_service_pb2,
+                "FaceService",
+                face_service_pb2_grpc.add_FaceServiceServicer_to_server,
+                servicer,
+            )
+        ],
+        settings.server,
+        gateway.port,
+        gateway.max_concurrent_rpcs,
+    )
+
+    async def on_stop() -> None:
+        await downstream.close()
+        audit_log.close()
+
+    await run_until_stopped(server, on_stop)

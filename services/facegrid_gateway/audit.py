@@ -1,0 +1,189 @@
+"""The audit log: an append-only, hash-chained record of every accountable call.
+
+Records live in a SQLite file written only by the gateway. Each record's hash is the
+SHA-256 of its deterministic protobuf serialisation with ``record_hash`` empty, and
+covers the previous record's hash (see AuditRecord in face_service.proto), so an
+edited or removed record breaks the chain for anyone who verifies it
+(``facegrid audit verify``). Triggers refuse UPDATE and DELETE, so the gateway (or an
+operator's slip) cannot change a record through SQLite either. Writes are durable
+(``synchronous=FULL``) before the call's results are returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from facegrid.v1 import face_service_pb2
+
+AuditRecord = face_service_pb2.AuditRecord
+AuditRecordFilter = face_service_pb2.AuditRecordFilter
+
+NAME_PREFIX = "auditRecords/"
+# Records checked against their hashes when the gateway starts.
+STARTUP_CHECK_RECORDS = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_records (
+    sequence_number INTEGER PRIMARY KEY,
+    record_id TEXT NOT NULL UNIQUE,
+    create_time_us INTEGER NOT NULL,
+    principal TEXT NOT NULL,
+    method TEXT NOT NULL,
+    case_id TEXT NOT NULL,
+    purpose INTEGER NOT NULL,
+    collection TEXT NOT NULL,
+    record BLOB NOT NULL,
+    record_hash BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_case ON audit_records (case_id, sequence_number);
+CREATE INDEX IF NOT EXISTS audit_by_principal ON audit_records (principal, sequence_number);
+CREATE TRIGGER IF NOT EXISTS audit_records_no_update BEFORE UPDATE ON audit_records
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_records_no_delete BEFORE DELETE ON audit_records
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+"""
+
+
+def record_hash(record: AuditRecord) -> bytes:
+    """SHA-256 of the record with ``record_hash`` cleared, deterministically serialised."""
+    unhashed = AuditRecord()
+    unhashed.CopyFrom(record)
+    unhashed.ClearField("record_hash")
+    return hashlib.sha256(unhashed.SerializeToString(deterministic=True)).digest()
+
+
+class AuditChainError(RuntimeError):
+    """The stored chain does not verify: a record was altered or removed."""
+
+
+@dataclass(frozen=True)
+class Page:
+    records: list[AuditRecord]
+    last_sequence: int  # of the last record returned; 0 if none
+    more: bool
+
+
+class AuditLog:
+    """Appends records in order (one writer) and reads them back by filter."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._thread_lock = threading.Lock()
+        self._append_lock = asyncio.Lock()
+        self._check_tail()
+
+    def _check_tail(self) -> None:
+        rows = self._db.execute(
+            "SELECT sequence_number, record, record_hash FROM audit_records "
+            "ORDER BY sequence_number DESC LIMIT ?",
+            (STARTUP_CHECK_RECORDS,),
+        ).fetchall()
+        following: AuditRecord | None = None
+        for sequence, blob, stored_hash in rows:
+            record = AuditRecord.FromString(blob)
+            if record.sequence_number != sequence or record_hash(record) != stored_hash:
+                raise AuditChainError(f"audit record {sequence} does not match its hash")
+            if following is not None and (
+                following.previous_record_hash != stored_hash
+                or following.sequence_number != sequence + 1
+            ):
+                raise AuditChainError(f"the audit chain is broken after record {sequence}")
+            following = record
+
+    async def append(self, record: AuditRecord) -> AuditRecord:
+        """Chain, hash and durably store a record; return it as stored."""
+        async with self._append_lock:
+            return await asyncio.to_thread(self._append, record)
+
+    def _append(self, draft: AuditRecord) -> AuditRecord:
+        with self._thread_lock:
+            last = self._db.execute(
+                "SELECT sequence_number, record_hash FROM audit_records "
+                "ORDER BY sequence_number DESC LIMIT 1"
+            ).fetchone()
+            record = AuditRecord()
+            record.CopyFrom(draft)
+            record_id = str(uuid.uuid4())
+            record.name = NAME_PREFIX + record_id
+            record.sequence_number = 1 if last is None else int(last[0]) + 1
+            record.previous_record_hash = b"" if last is None else bytes(last[1])
+            record.record_hash = record_hash(record)
+            self._db.execute(
+                "INSERT INTO audit_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.sequence_number,
+                    record_id,
+                    record.create_time.ToMicroseconds(),
+                    record.principal,
+                    record.method,
+                    record.context.case_id,
+                    int(record.context.purpose),
+                    record.collection,
+                    record.SerializeToString(deterministic=True),
+                    record.record_hash,
+                ),
+            )
+            return record
+
+    async def get(self, record_id: str) -> AuditRecord | None:
+        return await asyncio.to_thread(self._get, record_id)
+
+    def _get(self, record_id: str) -> AuditRecord | None:
+        with self._thread_lock:
+            row = self._db.execute(
+                "SELECT record FROM audit_records WHERE record_id = ?", (record_id,)
+            ).fetchone()
+        return None if row is None else AuditRecord.FromString(row[0])
+
+    async def list(self, where: AuditRecordFilter, after: int, size: int) -> Page:
+        return await asyncio.to_thread(self._list, where, after, size)
+
+    def _list(self, where: AuditRecordFilter, after: int, size: int) -> Page:
+        clauses = ["sequence_number > ?"]
+        values: list[object] = [max(after, where.min_sequence_number - 1)]
+        for column, value in (
+            ("principal", where.principal),
+            ("case_id", where.case_id),
+            ("collection", where.collection),
+            ("method", where.method),
+        ):
+            if value:
+                clauses.append(f"{column} = ?")
+                values.append(value)
+        if where.purpose:
+            clauses.append("purpose = ?")
+            values.append(int(where.purpose))
+        time_range = where.create_time_range
+        if time_range.HasField("start_time"):
+            clauses.append("create_time_us >= ?")
+            values.append(time_range.start_time.ToMicroseconds())
+        if time_range.HasField("end_time"):
+            clauses.append("create_time_us < ?")
+            values.append(time_range.end_time.ToMicroseconds())
+        sql = (
+            "SELECT sequence_number, record FROM audit_records WHERE "
+            + " AND ".join(clauses)
+            + " ORDER BY sequence_number LIMIT ?"
+        )
+        with self._thread_lock:
+            rows = self._db.execute(sql, (*values, size + 1)).fetchall()
+        page = rows[:size]
+        return Page(
+            records=[AuditRecord.FromString(blob) for _, blob in page],
+            last_sequence=int(page[-1][0]) if page else 0,
+            more=len(rows) > size,
+        )
+
+    def close(self) -> None:
+        with self._thread_lock:
+            self._db.close()

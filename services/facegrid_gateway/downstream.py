@@ -1,0 +1,141 @@
+"""The gateway's calls to detection, embedding and search: channels, deadlines, retries.
+
+Every call gets the smaller of the configured downstream deadline and what is left of
+the caller's own deadline. Only idempotent methods are retried (on UNAVAILABLE, by
+gRPC's retry policy). Errors come back to the caller with their rich details, field
+names translated to the caller's request where they differ.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import grpc
+from facegrid.config import Settings
+from facegrid.errors import relay, unavailable
+from facegrid.v1 import (
+    detection_pb2_grpc,
+    embedding_pb2_grpc,
+    search_pb2_grpc,
+)
+
+Response = TypeVar("Response")
+
+# SearchService methods that may be retried: reads, and writes that are idempotent
+# (upserts by face name; associations).
+_IDEMPOTENT_SEARCH_METHODS = (
+    "GetCollection",
+    "ListCollections",
+    "BatchUpsertFaces",
+    "GetFace",
+    "ListFaces",
+    "GetSubject",
+    "ListSubjects",
+    "AssociateFaces",
+    "DisassociateFaces",
+    "SearchFaces",
+)
+_RETRY_POLICY = {
+    "maxAttempts": 3,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "0.5s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+
+def _service_config(names: list[dict[str, str]]) -> str:
+    return json.dumps(
+        {
+            # With a headless Kubernetes Service (dns:///name:port), calls spread over pods.
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "methodConfig": [{"name": names, "retryPolicy": _RETRY_POLICY}],
+        }
+    )
+
+
+class Downstream:
+    """Stubs of the three services the gateway orchestrates, on long-lived channels."""
+
+    def __init__(self, settings: Settings) -> None:
+        gateway = settings.gateway
+        self._timeout_s = gateway.downstream_timeout_s
+        size = settings.server.max_message_bytes
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            ("grpc.enable_retries", 1),
+            # A restarted service is reconnected within about a second, not gRPC's
+            # default backoff of up to two minutes.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        self._channels = [
+            grpc.aio.insecure_channel(
+                gateway.detection_address,
+                options=[
+                    *options,
+                    (
+                        "grpc.service_config",
+                        _service_config([{"service": "facegrid.v1.DetectionService"}]),
+                    ),
+                ],
+            ),
+            grpc.aio.insecure_channel(
+                gateway.embedding_address,
+                options=[
+                    *options,
+                    (
+                        "grpc.service_config",
+                        _service_config([{"service": "facegrid.v1.EmbeddingService"}]),
+                    ),
+                ],
+            ),
+            grpc.aio.insecure_channel(
+                gateway.search_address,
+                options=[
+                    *options,
+                    (
+                        "grpc.service_config",
+                        _service_config(
+                            [
+                                {"service": "facegrid.v1.SearchService", "method": m}
+                                for m in _IDEMPOTENT_SEARCH_METHODS
+                            ]
+                        ),
+                    ),
+                ],
+            ),
+        ]
+        self.detection = detection_pb2_grpc.DetectionServiceStub(self._channels[0])
+        self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channels[1])
+        self.search = search_pb2_grpc.SearchServiceStub(self._channels[2])
+
+    async def call(
+        self,
+        method: Callable[..., Awaitable[Response]],
+        request: Any,
+        caller: grpc.aio.ServicerContext,
+        service: str,
+        renames: Mapping[str, str] | None = None,
+    ) -> Response:
+        """Call one downstream method within the caller's deadline; relay its errors."""
+        remaining = caller.time_remaining()
+        timeout = self._timeout_s if remaining is None else min(self._timeout_s, remaining)
+        try:
+            return await method(request, timeout=max(timeout, 0.001))
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                raise unavailable(
+                    f"the {service} service is unavailable: {error.details()}",
+                    f"{service.upper()}_UNAVAILABLE",
+                    retry_after_ms=1000,
+                ) from error
+            raise relay(error, renames) from error
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()

@@ -1,0 +1,161 @@
+"""Image -> faces -> embeddings, through the detection and embedding services."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from facegrid.config import QualityLevel
+from facegrid.errors import failed_precondition, invalid_argument
+from facegrid.similarity import Calibration, load_calibration
+from facegrid.v1 import common_pb2, detection_pb2, embedding_pb2
+from numpy.typing import NDArray
+
+from facegrid_gateway.downstream import Downstream
+from facegrid_gateway.policy import QualityPolicy, describe_reasons
+
+MAX_DETECTED_FACES = 100
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The embedding model the gateway's services run, with its calibration."""
+
+    version: str
+    dimension: int
+    calibration_message: common_pb2.SimilarityCalibration
+    calibration: Calibration
+    default_threshold: float
+
+
+@dataclass(frozen=True)
+class Detected:
+    response: detection_pb2.DetectionServiceDetectFacesResponse
+
+    @property
+    def faces(self) -> list[common_pb2.FaceDetail]:
+        return list(self.response.faces)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The largest face of an image, ready to search with."""
+
+    face: common_pb2.FaceDetail  # without its chip
+    embedding: common_pb2.Embedding
+    model_version: str
+    detected_face_count: int
+
+
+def without_chip(face: common_pb2.FaceDetail) -> common_pb2.FaceDetail:
+    copy = common_pb2.FaceDetail()
+    copy.CopyFrom(face)
+    copy.ClearField("chip")
+    return copy
+
+
+class FacePipeline:
+    def __init__(self, downstream: Downstream, quality: QualityPolicy) -> None:
+        self._downstream = downstream
+        self.quality = quality
+        self._model: ModelInfo | None = None
+        self._model_lock = asyncio.Lock()
+
+    async def model(self, context: grpc.aio.ServicerContext) -> ModelInfo:
+        """The embedding model's version and calibration, asked once and then kept."""
+        async with self._model_lock:
+            if self._model is None:
+                info = await self._downstream.call(
+                    self._downstream.embedding.GetModelInfo,
+                    embedding_pb2.EmbeddingServiceGetModelInfoRequest(),
+                    context,
+                    "embedding",
+                )
+                record = load_calibration(info.model_version)
+                if record is None or not info.HasField("similarity_calibration"):
+                    raise failed_precondition(
+                        "CALIBRATION",
+                        info.model_version,
+                        f"no similarity calibration is known for model {info.model_version!r}",
+                    )
+                self._model = ModelInfo(
+                    version=info.model_version,
+                    dimension=info.dimension,
+                    calibration_message=info.similarity_calibration,
+                    calibration=Calibration.from_proto(info.similarity_calibration),
+                    default_threshold=record.default_threshold,
+                )
+            return self._model
+
+    async def detect(
+        self,
+        image: bytes,
+        context: grpc.aio.ServicerContext,
+        field: str = "image",
+        include_chips: bool = True,
+        max_faces: int = MAX_DETECTED_FACES,
+        min_confidence: float | None = None,
+    ) -> Detected:
+        request = detection_pb2.DetectionServiceDetectFacesRequest(
+            image=image, max_faces=max_faces, include_chips=include_chips
+        )
+        if min_confidence is not None:
+            request.min_confidence = min_confidence
+        response = await self._downstream.call(
+            self._downstream.detection.DetectFaces,
+            request,
+            context,
+            "detection",
+            renames={"image": field},
+        )
+        return Detected(response)
+
+    async def embed(
+        self, faces: list[common_pb2.FaceDetail], context: grpc.aio.ServicerContext
+    ) -> tuple[list[common_pb2.Embedding], str]:
+        if not faces:
+            return [], ""
+        response = await self._downstream.call(
+            self._downstream.embedding.EmbedChips,
+            embedding_pb2.EmbeddingServiceEmbedChipsRequest(chips=[f.chip for f in faces]),
+            context,
+            "embedding",
+        )
+        return list(response.embeddings), response.model_version
+
+    async def probe(
+        self,
+        image: bytes,
+        quality_filter: int,
+        context: grpc.aio.ServicerContext,
+        field: str = "image",
+    ) -> Probe:
+        """The largest face, which must pass the quality filter; a smaller one never stands in."""
+        level = self.quality.level(quality_filter)
+        detected = await self.detect(image, context, field)
+        if not detected.faces:
+            raise invalid_argument(field, "no face was found in the image", reason="NO_FACE")
+        largest = detected.faces[0]
+        self.check_quality(largest, level, field)
+        embeddings, version = await self.embed([largest], context)
+        return Probe(without_chip(largest), embeddings[0], version, len(detected.faces))
+
+    def check_quality(
+        self, face: common_pb2.FaceDetail, level: QualityLevel | None, field: str
+    ) -> None:
+        reasons = self.quality.reasons(face, level)
+        if reasons:
+            raise invalid_argument(
+                field,
+                f"the largest face fails the quality filter ({describe_reasons(reasons)})",
+                reason="FACE_QUALITY",
+            )
+
+
+def cosines(probe: common_pb2.Embedding, others: list[common_pb2.Embedding]) -> NDArray[np.float64]:
+    if not others:
+        return np.zeros(0)
+    matrix = np.array([list(e.values) for e in others], dtype=np.float64)
+    return matrix @ np.array(list(probe.values), dtype=np.float64)

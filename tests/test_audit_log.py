@@ -1,0 +1,105 @@
+"""The audit log on a real SQLite file: append-only, hash-chained, tamper-evident."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import grpc
+import pytest
+from facegrid.auth import Credentials
+from facegrid.client.audit import verify_chain
+from facegrid.errors import ServiceError
+from facegrid.v1 import common_pb2, face_service_pb2
+from facegrid_gateway.accountability import AuditDraft, Gatekeeper
+from facegrid_gateway.audit import AuditChainError, AuditLog, record_hash
+
+AuditRecord = face_service_pb2.AuditRecord
+
+
+def _append(log: AuditLog, count: int, case_id: str = "C-1") -> list[AuditRecord]:
+    async def run() -> list[AuditRecord]:
+        return [
+            await log.append(
+                AuditRecord(
+                    principal=f"user-{i}",
+                    method="/facegrid.v1.FaceService/SearchFacesByImage",
+                    context=common_pb2.IdentificationContext(
+                        purpose=common_pb2.IdentificationContext.PURPOSE_TESTING, case_id=case_id
+                    ),
+                    collection="collections/gallery",
+                    result_resources=[f"collections/gallery/faces/{i}"],
+                )
+            )
+            for i in range(count)
+        ]
+
+    return asyncio.run(run())
+
+
+def test_records_are_chained_and_verify(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.db")
+    records = _append(log, 5)
+    assert [r.sequence_number for r in records] == [1, 2, 3, 4, 5]
+    assert records[0].previous_record_hash == b""
+    for before, after in zip(records, records[1:], strict=False):
+        assert after.previous_record_hash == before.record_hash
+    assert all(record_hash(r) == r.record_hash for r in records)
+    assert verify_chain(records).intact
+    page = asyncio.run(log.list(face_service_pb2.AuditRecordFilter(case_id="C-1"), 2, 2))
+    assert [r.sequence_number for r in page.records] == [3, 4]
+    assert page.more
+    assert asyncio.run(log.get(records[2].name.split("/")[1])) == records[2]
+    log.close()
+    # Reopened, the chain goes on where it stopped.
+    reopened = AuditLog(tmp_path / "audit.db")
+    more = _append(reopened, 1)
+    assert more[0].sequence_number == 6
+    assert more[0].previous_record_hash == records[-1].record_hash
+    reopened.close()
+
+
+def test_records_cannot_be_updated_or_deleted_through_sqlite(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.db")
+    _append(log, 2)
+    log.close()
+    db = sqlite3.connect(tmp_path / "audit.db")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("UPDATE audit_records SET principal = 'someone-else'")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("DELETE FROM audit_records WHERE sequence_number = 1")
+    db.close()
+
+
+def test_a_tampered_log_is_refused_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    log = AuditLog(path)
+    records = _append(log, 3)
+    log.close()
+    # Someone with write access to the file drops the triggers and edits a record.
+    edited = AuditRecord()
+    edited.CopyFrom(records[1])
+    edited.principal = "someone-else"
+    db = sqlite3.connect(path)
+    db.execute("DROP TRIGGER audit_records_no_update")
+    db.execute(
+        "UPDATE audit_records SET record = ? WHERE sequence_number = 2",
+        (edited.SerializeToString(deterministic=True),),
+    )
+    db.commit()
+    db.close()
+    with pytest.raises(AuditChainError, match="record 2"):
+        AuditLog(path)
+    assert not verify_chain([records[0], edited, records[2]]).intact
+
+
+def test_no_results_without_an_audit_record(tmp_path: Path) -> None:
+    """If the record cannot be written, the call fails with UNAVAILABLE."""
+    log = AuditLog(tmp_path / "audit.db")
+    gatekeeper = Gatekeeper(Credentials([]), log)
+    log.close()  # the log is gone: every write fails
+    draft = AuditDraft(AuditRecord(principal="p", method="/m"))
+    with pytest.raises(ServiceError) as raised:
+        asyncio.run(gatekeeper._write(draft, grpc.StatusCode.OK))
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,725 @@
+"""End to end: every FaceService RPC through the gateway, with detection, embedding,
+search and gateway as separate processes over real gRPC (embedded defaults), once with
+in-process onnxruntime and once with inference through the real Triton server."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from facegrid.client.audit import verify_chain
+from facegrid.v1 import common_pb2, face_service_pb2, face_service_pb2_grpc
+from google.protobuf import struct_pb2
+
+from conftest import Stack
+from grpc_helpers import error_reason, field_violations, jpeg_bytes, rpc_error
+
+F = face_service_pb2
+Purpose = common_pb2.IdentificationContext.Purpose
+Reason = F.UnindexedReason
+DEADLINE_S = 60.0
+PEOPLE = ("alex_lacamoire", "biden", "kit_harington", "obama", "rose_leslie")
+CONTEXT = common_pb2.IdentificationContext(
+    purpose=Purpose.PURPOSE_TESTING, case_id="TEST-0001", justification="end-to-end test"
+)
+NO_FACE_JPEG = jpeg_bytes(np.full((240, 320, 3), 128, np.uint8))
+
+
+class Client:
+    """The FaceService stub with a deadline and a caller's token on every call."""
+
+    def __init__(self, channel: grpc.Channel, stack: Stack, token: str | None = None) -> None:
+        self._stub = face_service_pb2_grpc.FaceServiceStub(channel)
+        self._metadata = stack.metadata(token)
+
+    def __getattr__(self, method: str):  # type: ignore[no-untyped-def]
+        call = getattr(self._stub, method)
+        return lambda request: call(request, timeout=DEADLINE_S, metadata=self._metadata)
+
+
+@pytest.fixture(scope="module")
+def channel(e2e_stack: Stack) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(
+        e2e_stack.address, options=[("grpc.max_send_message_length", 32 << 20)]
+    ) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def api(channel: grpc.Channel, e2e_stack: Stack) -> Client:
+    return Client(channel, e2e_stack)
+
+
+def photo(faces: Path, relative: str) -> bytes:
+    return (faces / relative).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def gallery(api: Client, faces: Path) -> dict[str, list[str]]:
+    """A collection "gallery" with one subject per knn/train person and their faces."""
+    api.CreateCollection(F.CreateCollectionRequest(collection_id="gallery"))
+    enrolled: dict[str, list[str]] = {}
+    for person in PEOPLE:
+        api.CreateSubject(
+            F.CreateSubjectRequest(
+                parent="collections/gallery",
+                subject_id=person,
+                subject=_subject(display_name=person.replace("_", " ").title()),
+            )
+        )
+        for path in sorted((faces / "knn" / "train" / person).iterdir()):
+            reply = api.IndexFaces(
+                F.IndexFacesRequest(
+                    parent="collections/gallery",
+                    image=path.read_bytes(),
+                    subject_id=person,
+                    external_image_id=path.name,
+                )
+            )
+            assert len(reply.face_records) == 1, path
+            enrolled.setdefault(person, []).append(reply.face_records[0].face.name)
+    return enrolled
+
+
+def _subject(**fields: str) -> object:
+    from facegrid.v1 import resources_pb2
+
+    return resources_pb2.Subject(**fields)
+
+
+# ---------------------------------------------------------------- authorisation
+
+
+def test_calls_without_valid_credentials_are_unauthenticated(
+    channel: grpc.Channel, e2e_stack: Stack
+) -> None:
+    stub = face_service_pb2_grpc.FaceServiceStub(channel)
+    request = F.ListCollectionsRequest()
+    error = rpc_error(lambda: stub.ListCollections(request, timeout=DEADLINE_S))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    wrong = (("authorization", "Bearer not-a-token"),)
+    error = rpc_error(lambda: stub.ListCollections(request, timeout=DEADLINE_S, metadata=wrong))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_each_method_needs_its_scope(channel: grpc.Channel, e2e_stack: Stack) -> None:
+    reader = Client(channel, e2e_stack, e2e_stack.tokens["facegrid.read"])
+    reader.ListCollections(F.ListCollectionsRequest())
+    error = rpc_error(
+        lambda: reader.CreateCollection(F.CreateCollectionRequest(collection_id="not-allowed"))
+    )
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_reason(error) == "MISSING_SCOPE"
+    searcher = Client(channel, e2e_stack, e2e_stack.tokens["facegrid.search"])
+    error = rpc_error(lambda: searcher.DetectFaces(F.DetectFacesRequest(image=NO_FACE_JPEG)))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# ---------------------------------------------------------------- detection, comparison
+
+
+def test_detect_faces_largest_first(api: Client, faces: Path) -> None:
+    reply = api.DetectFaces(F.DetectFacesRequest(image=photo(faces, "misc/two_people.jpg")))
+    assert len(reply.faces) == 2
+    areas = [f.bounding_box.width * f.bounding_box.height for f in reply.faces]
+    assert areas == sorted(areas, reverse=True)
+    assert all(not f.HasField("chip") for f in reply.faces)
+    assert reply.image_width == 1126
+    assert reply.image_height == 661
+    assert reply.model_version
+    assert len(api.DetectFaces(F.DetectFacesRequest(image=NO_FACE_JPEG)).faces) == 0
+
+
+def test_bad_image_is_invalid_argument_and_the_gateway_stays_up(api: Client) -> None:
+    for image in (b"", b"not an image", NO_FACE_JPEG[: len(NO_FACE_JPEG) // 2]):
+        error = rpc_error(lambda image=image: api.DetectFaces(F.DetectFacesRequest(image=image)))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "image" in field_violations(error)
+    error = rpc_error(lambda: api.DetectFaces(F.DetectFacesRequest(image=b"x", max_faces=101)))
+    assert "max_faces" in field_violations(error)
+    api.ListCollections(F.ListCollectionsRequest())
+
+
+def test_compare_faces(api: Client, faces: Path) -> None:
+    reply = api.CompareFaces(
+        F.CompareFacesRequest(
+            source_image=photo(faces, "misc/obama.jpg"),
+            target_image=photo(faces, "knn/test/obama_and_biden.jpg"),
+            context=CONTEXT,
+        )
+    )
+    assert len(reply.face_matches) == 1
+    match = reply.face_matches[0]
+    assert match.similarity >= reply.threshold.applied == match.threshold_applied
+    assert match.model_version == reply.model_version != ""
+    assert 0.0 <= match.distance <= 2.0
+    assert len(reply.unmatched_faces) == 2
+    assert reply.audit_record.startswith("auditRecords/")
+    # The similarity is the calibrated value of the cosine, on 0-100.
+    assert 0 <= match.similarity <= 100
+    assert -1 <= match.cosine_similarity <= 1
+
+
+def test_compare_faces_errors(api: Client, faces: Path) -> None:
+    error = rpc_error(
+        lambda: api.CompareFaces(
+            F.CompareFacesRequest(
+                source_image=NO_FACE_JPEG,
+                target_image=photo(faces, "misc/obama.jpg"),
+                context=CONTEXT,
+            )
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "source_image" in field_violations(error)
+    assert error_reason(error) == "NO_FACE"
+    error = rpc_error(
+        lambda: api.CompareFaces(
+            F.CompareFacesRequest(
+                source_image=photo(faces, "misc/obama.jpg"), target_image=b"junk", context=CONTEXT
+            )
+        )
+    )
+    assert "target_image" in field_violations(error)
+
+
+# ---------------------------------------------------------------- collections
+
+
+def test_collection_lifecycle(api: Client) -> None:
+    created = api.CreateCollection(
+        F.CreateCollectionRequest(
+            collection_id="lifecycle",
+            collection=_collection(display_name="Lifecycle", description="test"),
+        )
+    ).collection
+    assert created.name == "collections/lifecycle"
+    assert created.model_version
+    assert created.dimension == 128
+    assert len(created.similarity_calibration.points) >= 2
+    error = rpc_error(
+        lambda: api.CreateCollection(F.CreateCollectionRequest(collection_id="lifecycle"))
+    )
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    error = rpc_error(
+        lambda: api.CreateCollection(F.CreateCollectionRequest(collection_id="Bad_Id"))
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    got = api.GetCollection(F.GetCollectionRequest(name="collections/lifecycle")).collection
+    assert got.display_name == "Lifecycle"
+    assert got.face_count == 0
+    listed = api.ListCollections(F.ListCollectionsRequest(page_size=1000)).collections
+    assert "collections/lifecycle" in [c.name for c in listed]
+    api.DeleteCollection(F.DeleteCollectionRequest(name="collections/lifecycle"))
+    error = rpc_error(
+        lambda: api.GetCollection(F.GetCollectionRequest(name="collections/lifecycle"))
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _collection(**fields: str) -> object:
+    from facegrid.v1 import resources_pb2
+
+    return resources_pb2.Collection(**fields)
+
+
+# ---------------------------------------------------------------- indexing
+
+
+def test_index_faces_reports_indexed_and_unindexed(api: Client, faces: Path) -> None:
+    api.CreateCollection(F.CreateCollectionRequest(collection_id="indexing"))
+    image = photo(faces, "knn/test/obama_and_biden.jpg")
+    metadata = struct_pb2.Struct()
+    metadata.update({"booking": "B-17", "officer": 42})
+    reply = api.IndexFaces(
+        F.IndexFacesRequest(
+            parent="collections/indexing",
+            image=image,
+            max_faces=1,
+            external_image_id="obama_and_biden.jpg",
+            source_id="camera-7",
+            metadata=metadata,
+        )
+    )
+    assert len(reply.face_records) == 1
+    record = reply.face_records[0]
+    assert record.face.external_image_id == "obama_and_biden.jpg"
+    assert record.face.source_id == "camera-7"
+    assert record.face.metadata["booking"] == "B-17"
+    assert record.face.image_id == reply.image_id
+    assert not record.face.HasField("embedding")
+    assert [list(u.reasons) for u in reply.unindexed_faces] == [
+        [Reason.UNINDEXED_REASON_EXCEEDS_MAX_FACES]
+    ] * (len(reply.unindexed_faces))
+    assert len(reply.unindexed_faces) >= 1
+    # The strict filter turns the small, unenrolled face away with its reasons.
+    strict = api.IndexFaces(
+        F.IndexFacesRequest(
+            parent="collections/indexing",
+            image=image,
+            quality_filter=common_pb2.QUALITY_FILTER_HIGH,
+        )
+    )
+    assert strict.unindexed_faces, "expected the HIGH filter to refuse a face"
+    for unindexed in strict.unindexed_faces:
+        assert unindexed.reasons
+        assert Reason.UNINDEXED_REASON_EXCEEDS_MAX_FACES not in unindexed.reasons
+    # No face: not an error, both lists empty.
+    empty = api.IndexFaces(F.IndexFacesRequest(parent="collections/indexing", image=NO_FACE_JPEG))
+    assert not empty.face_records
+    assert not empty.unindexed_faces
+
+
+def test_index_faces_is_idempotent_with_a_request_id(api: Client, faces: Path) -> None:
+    api.CreateCollection(F.CreateCollectionRequest(collection_id="retries"))
+    request = F.IndexFacesRequest(
+        parent="collections/retries",
+        image=photo(faces, "misc/two_people.jpg"),
+        request_id=str(uuid.uuid4()),
+    )
+    first = api.IndexFaces(request)
+    second = api.IndexFaces(request)
+    assert [r.face.name for r in first.face_records] == [r.face.name for r in second.face_records]
+    count = api.GetCollection(F.GetCollectionRequest(name="collections/retries")).collection
+    assert count.face_count == len(first.face_records) == 2
+
+
+def test_index_faces_errors(api: Client, faces: Path) -> None:
+    image = photo(faces, "misc/obama.jpg")
+    error = rpc_error(
+        lambda: api.IndexFaces(F.IndexFacesRequest(parent="collections/nowhere", image=image))
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    error = rpc_error(lambda: api.IndexFaces(F.IndexFacesRequest(parent="nowhere", image=image)))
+    assert "parent" in field_violations(error)
+    api.CreateCollection(F.CreateCollectionRequest(collection_id="index-errors"))
+    parent = "collections/index-errors"
+    error = rpc_error(
+        lambda: api.IndexFaces(F.IndexFacesRequest(parent=parent, image=image, subject_id="ghost"))
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    error = rpc_error(
+        lambda: api.IndexFaces(
+            F.IndexFacesRequest(parent=parent, image=image, external_image_id="a b/c")
+        )
+    )
+    assert "external_image_id" in field_violations(error)
+    error = rpc_error(
+        lambda: api.IndexFaces(F.IndexFacesRequest(parent=parent, image=image, request_id="x"))
+    )
+    assert "request_id" in field_violations(error)
+    error = rpc_error(lambda: api.IndexFaces(F.IndexFacesRequest(parent=parent, image=b"junk")))
+    assert "image" in field_violations(error)
+    count = api.GetCollection(F.GetCollectionRequest(name=parent)).collection.face_count
+    assert count == 0
+
+
+# ---------------------------------------------------------------- search
+
+
+def test_search_faces_by_image_finds_the_right_person(
+    api: Client, faces: Path, gallery: dict[str, list[str]]
+) -> None:
+    probes = {"obama1.jpg": "obama", "alex_lacamoire1.jpg": "alex_lacamoire"}
+    probes["johnsnow_test1.jpg"] = "kit_harington"
+    for probe, person in probes.items():
+        reply = api.SearchFacesByImage(
+            F.SearchFacesByImageRequest(
+                parent="collections/gallery",
+                image=photo(faces, f"knn/test/{probe}"),
+                context=CONTEXT,
+            )
+        )
+        assert reply.face_matches, probe
+        best = reply.face_matches[0]
+        assert best.face.subject_id == person, probe
+        assert best.face.name in gallery[person]
+        assert best.similarity >= reply.threshold.applied
+        assert best.threshold_applied == reply.threshold.applied
+        assert best.model_version == reply.model_version
+        assert not best.face.HasField("embedding")
+        sims = [m.similarity for m in reply.face_matches]
+        assert sims == sorted(sims, reverse=True)
+        assert reply.detected_face_count == 1
+        assert reply.searched_face.bounding_box.width > 0
+        assert reply.audit_record.startswith("auditRecords/")
+
+
+def test_a_caller_cannot_lower_the_threshold(
+    api: Client, faces: Path, gallery: dict[str, list[str]]
+) -> None:
+    image = photo(faces, "knn/test/obama1.jpg")
+    lowered = api.SearchFacesByImage(
+        F.SearchFacesByImageRequest(
+            parent="collections/gallery",
+            image=image,
+            context=CONTEXT,
+            face_match_threshold=0.0,
+            max_faces=100,
+        )
+    )
+    threshold = lowered.threshold
+    assert threshold.requested == 0.0
+    assert threshold.applied == threshold.minimum > 0
+    assert all(m.similarity >= threshold.minimum for m in lowered.face_matches)
+    raised = api.SearchFacesByImage(
+        F.SearchFacesByImageRequest(
+            parent="collections/gallery",
+            image=image,
+            context=CONTEXT,
+            face_match_threshold=99.99,
+        )
+    )
+    assert raised.threshold.applied == pytest.approx(99.99)
+    assert all(m.similarity >= 99.99 for m in raised.face_matches)
+
+
+def test_the_unenrolled_person_is_not_a_candidate(
+    api: Client, faces: Path, gallery: dict[str, list[str]]
+) -> None:
+    image = photo(faces, "knn/test/obama_and_biden.jpg")
+    detected = api.DetectFaces(F.DetectFacesRequest(image=image)).faces
+    smallest = detected[-1].bounding_box
+    crop = _crop(image, smallest)
+    error_or_reply = api.SearchFacesByImage(
+        F.SearchFacesByImageRequest(
+            parent="collections/gallery",
+            image=crop,
+            context=CONTEXT,
+            quality_filter=common_pb2.QUALITY_FILTER_NONE,
+        )
+    )
+    assert list(error_or_reply.face_matches) == []
+
+
+def _crop(image: bytes, box: common_pb2.BoundingBox) -> bytes:
+    import io
+
+    from PIL import Image
+
+    pixels = Image.open(io.BytesIO(image)).convert("RGB")
+    margin = box.width
+    region = (
+        max(0, box.left - margin),
+        max(0, box.top - margin),
+        box.left + box.width + margin,
+        box.top + box.height + margin,
+    )
+    return jpeg_bytes(np.asarray(pixels.crop(region)))
+
+
+def test_identification_needs_purpose_and_case(
+    api: Client, faces: Path, gallery: dict[str, list[str]]
+) -> None:
+    image = photo(faces, "knn/test/obama1.jpg")
+    for context, fields in (
+        (None, {"context.purpose", "context.case_id"}),
+        (common_pb2.IdentificationContext(case_id="C-1"), {"context.purpose"}),
+        (
+            common_pb2.IdentificationContext(purpose=Purpose.PURPOSE_TESTING),
+            {"context.case_id"},
+        ),
+    ):
+        request = F.SearchFacesByImageRequest(parent="collections/gallery", image=image)
+        if context is not None:
+            request.context.CopyFrom(context)
+        error = rpc_error(lambda request=request: api.SearchFacesByImage(request))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert set(field_violations(error)) == fields
+    for call in (
+        lambda: api.SearchFaces(F.SearchFacesRequest(face=gallery["obama"][0])),
+        lambda: api.SearchSubjectsByImage(
+            F.SearchSubjectsByImageRequest(parent="collections/gallery", image=image)
+        ),
+        lambda: api.CompareFaces(F.CompareFacesRequest(source_image=image, target_image=image)),
+    ):
+        assert rpc_error(call).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_search_by_image_errors(api: Client, faces: Path, gallery: dict[str, list[str]]) -> None:
+    image = photo(faces, "knn/test/obama1.jpg")
+    error = rpc_error(
+        lambda: api.SearchFacesByImage(
+            F.SearchFacesByImageRequest(
+                parent="collections/gallery", image=NO_FACE_JPEG, context=CONTEXT
+            )
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(error) == "NO_FACE"
+    assert "image" in field_violations(error)
+    error = rpc_error(
+        lambda: api.SearchFacesByImage(
+            F.SearchFacesByImageRequest(parent="collections/nowhere", image=image, context=CONTEXT)
+        )
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    error = rpc_error(
+        lambda: api.SearchFacesByImage(
+            F.SearchFacesByImageRequest(
+                parent="collections/gallery", image=b"\xff\xd8junk", context=CONTEXT
+            )
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image" in field_violations(error)
+    # Several faces where one is expected: the largest is searched, never a smaller one;
+    # if it fails the quality filter the call fails rather than searching another.
+    several = photo(faces, "knn/test/obama_and_biden.jpg")
+    reply = api.SearchFacesByImage(
+        F.SearchFacesByImageRequest(parent="collections/gallery", image=several, context=CONTEXT)
+    )
+    assert reply.detected_face_count == 3
+    detected = api.DetectFaces(F.DetectFacesRequest(image=several)).faces
+    assert reply.searched_face.bounding_box == detected[0].bounding_box
+    error = rpc_error(
+        lambda: api.SearchFacesByImage(
+            F.SearchFacesByImageRequest(
+                parent="collections/gallery",
+                image=photo(faces, "knn/test/kit_with_rose.jpg"),
+                context=CONTEXT,
+                quality_filter=common_pb2.QUALITY_FILTER_HIGH,
+            )
+        )
+    )
+    # Both faces there are under HIGH's 100 pixels; the larger one is refused, and no
+    # other face is searched in its place.
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(error) == "FACE_QUALITY"
+    assert "small bounding box" in field_violations(error)["image"]
+
+
+def test_search_faces_by_stored_face(api: Client, gallery: dict[str, list[str]]) -> None:
+    obama = gallery["obama"]
+    reply = api.SearchFaces(F.SearchFacesRequest(face=obama[0], context=CONTEXT))
+    assert reply.searched_face == obama[0]
+    found = [m.face.name for m in reply.face_matches]
+    assert obama[0] not in found
+    assert found[:1] == [obama[1]]
+    error = rpc_error(
+        lambda: api.SearchFaces(
+            F.SearchFacesRequest(face=f"collections/gallery/faces/{uuid.uuid4()}", context=CONTEXT)
+        )
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    error = rpc_error(lambda: api.SearchFaces(F.SearchFacesRequest(face="x", context=CONTEXT)))
+    assert "face" in field_violations(error)
+
+
+def test_search_subjects_by_image_ranks_subjects(
+    api: Client, faces: Path, gallery: dict[str, list[str]]
+) -> None:
+    reply = api.SearchSubjectsByImage(
+        F.SearchSubjectsByImageRequest(
+            parent="collections/gallery",
+            image=photo(faces, "knn/test/kit_with_rose.jpg"),
+            context=CONTEXT,
+            max_subjects=5,
+        )
+    )
+    assert reply.detected_face_count == 2
+    assert reply.subject_matches
+    names = [m.subject.name for m in reply.subject_matches]
+    assert len(names) == len(set(names))
+    best = reply.subject_matches[0]
+    assert best.subject.subject_id in ("kit_harington", "rose_leslie")
+    assert best.similarity == best.best_face_match.similarity
+    assert best.best_face_match.face.subject_id == best.subject.subject_id
+    assert best.subject.display_name
+    assert best.subject.face_count >= 1
+
+
+# ---------------------------------------------------------------- faces and subjects
+
+
+def test_list_and_get_faces(api: Client, gallery: dict[str, list[str]]) -> None:
+    names: list[str] = []
+    token = ""
+    while True:
+        page = api.ListFaces(
+            F.ListFacesRequest(parent="collections/gallery", page_size=3, page_token=token)
+        )
+        names += [f.name for f in page.faces]
+        assert all(not f.HasField("embedding") for f in page.faces)
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(names) == sorted(n for faces in gallery.values() for n in faces)
+    only_biden = api.ListFaces(
+        F.ListFacesRequest(parent="collections/gallery", filter=_filter(subject_ids=["biden"]))
+    ).faces
+    assert sorted(f.name for f in only_biden) == sorted(gallery["biden"])
+    face = api.GetFace(F.GetFaceRequest(name=gallery["obama"][0])).face
+    assert face.subject_id == "obama"
+    assert not face.HasField("embedding")
+    error = rpc_error(
+        lambda: api.ListFaces(F.ListFacesRequest(parent="collections/gallery", page_size=-1))
+    )
+    assert "page_size" in field_violations(error)
+
+
+def _filter(**fields: list[str]) -> object:
+    from facegrid.v1 import resources_pb2
+
+    return resources_pb2.FaceFilter(**fields)
+
+
+def test_subjects(api: Client, faces: Path) -> None:
+    api.CreateCollection(F.CreateCollectionRequest(collection_id="subjects"))
+    parent = "collections/subjects"
+    indexed = api.IndexFaces(
+        F.IndexFacesRequest(parent=parent, image=photo(faces, "misc/two_people.jpg"))
+    )
+    face_names = [r.face.name for r in indexed.face_records]
+    subject = api.CreateSubject(
+        F.CreateSubjectRequest(parent=parent, subject_id="P-1", subject=_subject(display_name="P"))
+    ).subject
+    assert subject.name == f"{parent}/subjects/P-1"
+    assert subject.face_count == 0
+    error = rpc_error(
+        lambda: api.CreateSubject(F.CreateSubjectRequest(parent=parent, subject_id="P-1"))
+    )
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    after = api.AssociateFaces(F.AssociateFacesRequest(subject=subject.name, faces=face_names))
+    assert after.subject.face_count == 2
+    got = api.GetSubject(F.GetSubjectRequest(name=subject.name)).subject
+    assert got.face_count == 2
+    after = api.DisassociateFaces(
+        F.DisassociateFacesRequest(subject=subject.name, faces=face_names[:1])
+    )
+    assert after.subject.face_count == 1
+    listed = api.ListSubjects(F.ListSubjectsRequest(parent=parent)).subjects
+    assert [s.name for s in listed] == [subject.name]
+    error = rpc_error(lambda: api.DeleteSubject(F.DeleteSubjectRequest(name=subject.name)))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    deleted = api.DeleteSubject(F.DeleteSubjectRequest(name=subject.name, force=True))
+    assert deleted.deleted_face_count == 1
+    remaining = [f.name for f in api.ListFaces(F.ListFacesRequest(parent=parent)).faces]
+    assert remaining == face_names[:1]
+    error = rpc_error(
+        lambda: api.AssociateFaces(
+            F.AssociateFacesRequest(subject=f"{parent}/subjects/ghost", faces=face_names[:1])
+        )
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_deleted_face_never_comes_back(
+    api: Client, faces: Path, e2e_stack: Stack, gallery: dict[str, list[str]]
+) -> None:
+    api.CreateCollection(F.CreateCollectionRequest(collection_id="deletion"))
+    parent = "collections/deletion"
+    image = photo(faces, "knn/test/obama1.jpg")
+    indexed = api.IndexFaces(F.IndexFacesRequest(parent=parent, image=image))
+    face = indexed.face_records[0].face.name
+    search = F.SearchFacesByImageRequest(parent=parent, image=image, context=CONTEXT)
+    assert [m.face.name for m in api.SearchFacesByImage(search).face_matches] == [face]
+    deleted = api.BatchDeleteFaces(F.BatchDeleteFacesRequest(parent=parent, names=[face]))
+    assert list(deleted.deleted_faces) == [face]
+    assert list(api.SearchFacesByImage(search).face_matches) == []
+    assert rpc_error(lambda: api.GetFace(F.GetFaceRequest(name=face))).code() == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    error = rpc_error(
+        lambda: api.BatchDeleteFaces(F.BatchDeleteFacesRequest(parent=parent, names=[face]))
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    again = api.BatchDeleteFaces(
+        F.BatchDeleteFacesRequest(parent=parent, names=[face], allow_missing=True)
+    )
+    assert list(again.deleted_faces) == []
+    # Not after a restart of the search service either.
+    e2e_stack.group.restart("search")
+    _wait_until_reachable(api, parent)
+    assert list(api.SearchFacesByImage(search).face_matches) == []
+    assert api.GetCollection(F.GetCollectionRequest(name=parent)).collection.face_count == 0
+    found = api.SearchFacesByImage(
+        F.SearchFacesByImageRequest(parent="collections/gallery", image=image, context=CONTEXT)
+    )
+    assert found.face_matches[0].face.subject_id == "obama"
+
+
+def _wait_until_reachable(api: Client, collection: str) -> None:
+    """The gateway reconnects to a restarted service within about a second."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            api.GetCollection(F.GetCollectionRequest(name=collection))
+            return
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+# ---------------------------------------------------------------- audit
+
+
+def test_audit_records_every_accountable_call(
+    api: Client, channel: grpc.Channel, e2e_stack: Stack, faces: Path, gallery: dict[str, list[str]]
+) -> None:
+    image = photo(faces, "knn/test/obama1.jpg")
+    case = f"CASE-{uuid.uuid4().hex[:8]}"
+    context = common_pb2.IdentificationContext(
+        purpose=Purpose.PURPOSE_CRIMINAL_INVESTIGATION, case_id=case, justification="robbery"
+    )
+    reply = api.SearchFacesByImage(
+        F.SearchFacesByImageRequest(parent="collections/gallery", image=image, context=context)
+    )
+    record = api.GetAuditRecord(F.GetAuditRecordRequest(name=reply.audit_record)).audit_record
+    assert record.principal == "investigator-1"
+    assert record.method == "/facegrid.v1.FaceService/SearchFacesByImage"
+    assert record.context.case_id == case
+    assert record.context.justification == "robbery"
+    assert record.collection == "collections/gallery"
+    assert record.threshold == reply.threshold
+    assert list(record.result_resources) == [m.face.name for m in reply.face_matches]
+    assert record.top_similarity == pytest.approx(reply.face_matches[0].similarity)
+    assert record.model_version == reply.model_version
+    assert record.status_code == 0
+    assert len(record.image_digests) == 1
+    assert len(record.image_digests[0]) == 32
+    assert image not in record.SerializeToString()
+    # A refused call is on the record too, with its status.
+    bad = common_pb2.IdentificationContext(
+        purpose=Purpose.PURPOSE_CRIMINAL_INVESTIGATION, case_id=case
+    )
+    rpc_error(
+        lambda: api.SearchFacesByImage(
+            F.SearchFacesByImageRequest(parent="collections/nowhere", image=image, context=bad)
+        )
+    )
+    by_case = api.ListAuditRecords(
+        F.ListAuditRecordsRequest(filter=F.AuditRecordFilter(case_id=case))
+    ).audit_records
+    assert [r.status_code for r in by_case] == [0, grpc.StatusCode.NOT_FOUND.value[0]]
+    # A caller without the scope is refused, and that is recorded under its name.
+    reader = Client(channel, e2e_stack, e2e_stack.tokens["facegrid.read"])
+    rpc_error(
+        lambda: reader.SearchFacesByImage(
+            F.SearchFacesByImageRequest(parent="collections/gallery", image=image, context=bad)
+        )
+    )
+    # The whole log, page by page, is one unbroken hash chain.
+    records = []
+    token = ""
+    while True:
+        page = api.ListAuditRecords(F.ListAuditRecordsRequest(page_size=7, page_token=token))
+        records += list(page.audit_records)
+        token = page.next_page_token
+        if not token:
+            break
+    assert [r.sequence_number for r in records] == list(range(1, len(records) + 1))
+    assert verify_chain(records).intact
+    denied = [r for r in records if r.principal == "only-facegrid.read"]
+    assert denied
+    assert denied[-1].status_code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    methods = {r.method.rsplit("/", 1)[1] for r in records}
+    assert {"CreateCollection", "IndexFaces", "CreateSubject", "SearchFacesByImage"} <= methods
+    assert "GetCollection" not in methods
+    assert "DetectFaces" not in methods
