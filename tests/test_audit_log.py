@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def test_records_are_chained_and_verify(tmp_path: Path) -> None:
     records = _append(log, 5)
     assert [r.sequence_number for r in records] == [1, 2, 3, 4, 5]
     assert records[0].previous_record_hash == b""
-    for before, after in zip(records, records[1:], strict=False):
+    for before, after in itertools.pairwise(records):
         assert after.previous_record_hash == before.record_hash
     assert all(record_hash(r) == r.record_hash for r in records)
     assert verify_chain(records).intact

@@ -202,8 +202,8 @@ class GatewaySettings(Section):
         le=100,
         description="The administrator's minimum match threshold (0-100) for every "
         "identification call; callers may ask for more, never less. Unset: the "
-        "calibration's default threshold, the lowest with no false match on the "
-        "calibration photos.",
+        "calibration's default threshold (80), where the calibration put the cosine "
+        "midway between the highest impostor pair and the lowest genuine pair above it.",
     )
     purpose_min_similarity: dict[str, float] = Field(
         default_factory=dict,

@@ -8,6 +8,7 @@ from facegrid.config import Settings
 from facegrid.errors import invalid_argument, invalid_arguments
 from facegrid.inference import InferenceBackend, create_backend
 from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
+from facegrid.similarity import load_calibration
 from facegrid.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 from numpy.typing import NDArray
 
@@ -99,8 +100,11 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):  # type: i
         request: embedding_pb2.EmbeddingServiceGetModelInfoRequest,
         context: grpc.aio.ServicerContext,
     ) -> embedding_pb2.EmbeddingServiceGetModelInfoResponse:
+        model_version = await self._embedder.model_version()
+        # The committed calibration of this model version; unset when there is none.
+        record = load_calibration(model_version)
         return embedding_pb2.EmbeddingServiceGetModelInfoResponse(
-            model_version=await self._embedder.model_version(),
+            model_version=model_version,
             model_name=MODEL_NAME,
             dimension=DIMENSION,
             chip_width=CHIP_SIZE,
@@ -109,6 +113,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):  # type: i
             backend=(
                 "onnxruntime" if self._settings.inference.backend.value == "local" else "triton"
             ),
+            similarity_calibration=record.message if record is not None else None,
         )
 
 

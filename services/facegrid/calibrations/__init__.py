@@ -1,0 +1,1 @@
+"""Committed similarity calibrations, one JSON file per embedding model version."""
