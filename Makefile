@@ -72,7 +72,7 @@ models: $(MODEL_REPO)/facegrid_models.json
 # --- run ----------------------------------------------------------------------
 # Seeds the demo collection (seeds/demo.toml) once everything is healthy.
 up: venv protos models
-	$(BIN)/facegrid up --set inference.model_repository=$(MODEL_REPO) --seed seeds/demo.toml
+	$(BIN)/facegrid up --set inference.model_repository=$(MODEL_REPO)
 
 # --- checks -------------------------------------------------------------------
 buf-lint: node_modules/.installed

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from facegrid.audit_chain import record_digest, verify_chain
 from facegrid.auth import Credentials
-from facegrid.client.audit import verify_chain
 from facegrid.errors import ServiceError
 from facegrid.v1 import common_pb2, face_service_pb2
 from facegrid_gateway.accountability import AuditDraft, Gatekeeper
-from facegrid_gateway.audit import AuditChainError, AuditLog, record_hash
+from facegrid_gateway.audit import AuditChainError, AuditLog
 
 AuditRecord = face_service_pb2.AuditRecord
 
@@ -46,7 +46,7 @@ def test_records_are_chained_and_verify(tmp_path: Path) -> None:
     assert records[0].previous_record_hash == b""
     for before, after in itertools.pairwise(records):
         assert after.previous_record_hash == before.record_hash
-    assert all(record_hash(r) == r.record_hash for r in records)
+    assert all(record_digest(r) == r.record_hash for r in records)
     assert verify_chain(records).intact
     page = asyncio.run(log.list(face_service_pb2.AuditRecordFilter(case_id="C-1"), 2, 2))
     assert [r.sequence_number for r in page.records] == [3, 4]

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import Stack
-from facegrid.client.audit import verify_chain
+from facegrid.audit_chain import verify_chain
 from facegrid.v1 import common_pb2, face_service_pb2, face_service_pb2_grpc
 from google.protobuf import struct_pb2
 from grpc_helpers import error_reason, field_violations, jpeg_bytes, rpc_error

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from facegrid.client.audit import record_digest, verify_chain
+from facegrid.audit_chain import record_digest, verify_chain
 from facegrid.client.connection import FaceClient, describe_rpc_error
 from facegrid.client.manifest import ManifestError, load_manifest, parse_manifest
 from facegrid.client.photos import PhotoError, resolve_photo, safe_external_id
@@ -603,7 +603,7 @@ def test_error_lines() -> None:
 
 
 def chain(count: int) -> list[fs.AuditRecord]:
-    """A valid chain, hashed here independently of facegrid.client.audit."""
+    """A valid chain, hashed here independently of facegrid.audit_chain."""
     records: list[fs.AuditRecord] = []
     previous = b""
     for sequence in range(1, count + 1):

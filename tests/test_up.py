@@ -15,7 +15,6 @@ from facegrid.v1 import common_pb2, face_service_pb2, face_service_pb2_grpc
 from grpc_helpers import png_bytes
 from skimage import data
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("detection", "embedding", "search", "gateway")
 
 
@@ -25,7 +24,7 @@ def test_up_starts_seeds_and_stops_everything(model_repo: Path, tmp_path: Path) 
     command += ["--set", f"inference.model_repository={model_repo}"]
     for name, port in ports.items():
         command += ["--set", f"{name}.port={port}"]
-    command += ["--seed", str(PROJECT_ROOT / "seeds" / "demo.toml")]
+    # The demo collection is seeded by default, from the manifest inside the package.
     # Run where a user would: var/ (database, audit log, credentials) is created here.
     up = subprocess.Popen(
         command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

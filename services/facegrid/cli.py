@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
-from facegrid import launcher
+from facegrid import auth, launcher
 from facegrid.client import commands as client_commands
+from facegrid.config import load_settings
 from facegrid.evaluation import commands as evaluation_commands
 from facegrid.models.repository import TritonBackend
+
+# The demo collection's manifest ships in the package, so `facegrid up` seeds it anywhere.
+DEMO_MANIFEST = Path(str(resources.files("facegrid.demo").joinpath("demo.toml")))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,7 +56,42 @@ def _parser() -> argparse.ArgumentParser:
         "up", help="start every service on this machine, wait until healthy, stop on Ctrl-C"
     )
     _add_overrides(up)
+    up.add_argument(
+        "--seed",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="MANIFEST",
+        help="once healthy, enrol the photos of a seeds manifest (repeatable; idempotent)",
+    )
+    up.add_argument(
+        "--no-demo",
+        dest="demo",
+        action="store_false",
+        help="do not seed the demo collection (seeds/demo.toml, shipped in the package)",
+    )
     up.set_defaults(handler=_up)
+
+    token = commands.add_parser("token", help="manage the gateway's callers")
+    token_commands = token.add_subparsers(title="token commands")
+    create = token_commands.add_parser(
+        "create", help="add a caller with the given scopes and print its bearer token once"
+    )
+    create.add_argument("principal", help="the caller's name, as audit records will show it")
+    create.add_argument(
+        "--scope",
+        dest="scopes",
+        action="append",
+        choices=auth.ALL_SCOPES,
+        required=True,
+        help="a scope to grant (repeatable)",
+    )
+    create.add_argument(
+        "--credentials-file",
+        type=Path,
+        help="default: the gateway's setting gateway.credentials_file",
+    )
+    create.set_defaults(handler=_token_create)
 
     triton = commands.add_parser(
         "triton", help="run the tritonserver binary bundled in nvidia-pytriton (for tests, demos)"
@@ -95,7 +135,37 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    return launcher.up(list(args.overrides))
+    overrides = list(args.overrides)
+    settings = load_settings(overrides)
+    token = auth.ensure_local_admin(settings.gateway.credentials_file)
+    manifests: list[Path] = ([DEMO_MANIFEST] if args.demo else []) + list(args.seed)
+
+    def seed(addresses: dict[str, str]) -> None:
+        from facegrid.client.seeding import seed_manifest
+
+        for manifest in manifests:
+            try:
+                summary = seed_manifest(manifest, addresses["gateway"], token)
+            except Exception as error:  # a bad manifest must not take the system down
+                print(f"  seeding {manifest} failed: {error}", flush=True)
+                continue
+            print(f"  seeded {manifest.name}: {summary}", flush=True)
+        print(
+            f"  local admin token in {auth.DEFAULT_TOKEN_FILE} "
+            "(the facegrid client reads it from there)",
+            flush=True,
+        )
+
+    return launcher.up(overrides, after_start=seed)
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    path = args.credentials_file or load_settings().gateway.credentials_file
+    token = auth.create_token(path, args.principal, args.scopes)
+    print(f"created {args.principal} in {path} with {', '.join(sorted(set(args.scopes)))}")
+    print(f"token (shown once; the file keeps only its SHA-256): {token}")
+    print("the gateway reads the file at start-up: restart it to admit the new caller")
+    return 0
 
 
 def _triton(args: argparse.Namespace) -> int:

@@ -12,13 +12,13 @@ operator's slip) cannot change a record through SQLite either. Writes are durabl
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import sqlite3
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from facegrid.audit_chain import record_digest
 from facegrid.v1 import face_service_pb2
 
 AuditRecord = face_service_pb2.AuditRecord
@@ -48,14 +48,6 @@ BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_records_no_delete BEFORE DELETE ON audit_records
 BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 """
-
-
-def record_hash(record: AuditRecord) -> bytes:
-    """SHA-256 of the record with ``record_hash`` cleared, deterministically serialised."""
-    unhashed = AuditRecord()
-    unhashed.CopyFrom(record)
-    unhashed.ClearField("record_hash")
-    return hashlib.sha256(unhashed.SerializeToString(deterministic=True)).digest()
 
 
 class AuditChainError(RuntimeError):
@@ -91,7 +83,7 @@ class AuditLog:
         following: AuditRecord | None = None
         for sequence, blob, stored_hash in rows:
             record = AuditRecord.FromString(blob)
-            if record.sequence_number != sequence or record_hash(record) != stored_hash:
+            if record.sequence_number != sequence or record_digest(record) != stored_hash:
                 raise AuditChainError(f"audit record {sequence} does not match its hash")
             if following is not None and (
                 following.previous_record_hash != stored_hash
@@ -117,7 +109,7 @@ class AuditLog:
             record.name = NAME_PREFIX + record_id
             record.sequence_number = 1 if last is None else int(last[0]) + 1
             record.previous_record_hash = b"" if last is None else bytes(last[1])
-            record.record_hash = record_hash(record)
+            record.record_hash = record_digest(record)
             self._db.execute(
                 "INSERT INTO audit_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (

@@ -19,9 +19,9 @@ from typing import Any
 import grpc
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from facegrid.audit_chain import verify_chain
 from facegrid.auth import read_token
 from facegrid.client import output
-from facegrid.client.audit import verify_chain
 from facegrid.client.connection import (
     DEFAULT_DEADLINE_S,
     ClientError,

@@ -1,10 +1,10 @@
-"""Verifying the audit log's hash chain, exactly as the AuditRecord comment defines it.
+"""The audit log's hash chain, exactly as the AuditRecord comment defines it.
 
 ``record_hash`` is the SHA-256 of the record serialised deterministically, without
 unknown fields, with ``record_hash`` empty; ``previous_record_hash`` is the
 ``record_hash`` of the record with the preceding ``sequence_number``; sequence
-numbers start at 1 and grow by exactly 1. A pure function over messages, so that the
-CLI (``facegrid audit verify``) and the gateway's tests check the same thing.
+numbers start at 1 and grow by exactly 1. Pure functions over messages, so that the
+gateway (which writes the hashes), `facegrid audit verify` and the tests agree.
 """
 
 from __future__ import annotations
