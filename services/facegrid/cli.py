@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from facegrid import auth, launcher
+from facegrid import auth, config_reference, launcher
 from facegrid.client import commands as client_commands
 from facegrid.config import load_settings
 from facegrid.evaluation import commands as evaluation_commands
@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     triton.set_defaults(handler=_triton)
 
     client_commands.register(commands)
+    config_reference.register(commands)
     evaluation_commands.register(commands)
     return parser
 

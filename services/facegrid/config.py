@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "FACEGRID_"
 ENV_NESTED_DELIMITER = "__"
@@ -75,6 +76,9 @@ class ImageLimits(Section):
 
 class DetectionSettings(Section):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port of the detection service.")
+    metrics_port: int = Field(
+        9151, ge=0, le=65535, description="HTTP port of its Prometheus /metrics (0: off)."
+    )
     min_confidence: float = Field(
         0.0, description="Default minimum detector score (dlib MMOD scale; 0 is dlib's default)."
     )
@@ -88,6 +92,9 @@ class DetectionSettings(Section):
 
 class EmbeddingSettings(Section):
     port: int = Field(50052, ge=0, le=65535, description="gRPC port of the embedding service.")
+    metrics_port: int = Field(
+        9152, ge=0, le=65535, description="HTTP port of its Prometheus /metrics (0: off)."
+    )
     max_batch: int = Field(
         32, gt=0, description="Most chips sent to the model in one inference call."
     )
@@ -145,6 +152,9 @@ class StoreSettings(Section):
 
 class SearchSettings(Section):
     port: int = Field(50053, ge=0, le=65535, description="gRPC port of the search service.")
+    metrics_port: int = Field(
+        9153, ge=0, le=65535, description="HTTP port of its Prometheus /metrics (0: off)."
+    )
     max_concurrent_rpcs: int = Field(
         64, gt=0, description="Calls served at once; more get RESOURCE_EXHAUSTED."
     )
@@ -177,6 +187,9 @@ class AutoQuality(StrEnum):
 
 class GatewaySettings(Section):
     port: int = Field(50050, ge=0, le=65535, description="gRPC port of the gateway (public API).")
+    metrics_port: int = Field(
+        9150, ge=0, le=65535, description="HTTP port of its Prometheus /metrics (0: off)."
+    )
     detection_address: str = Field(
         "127.0.0.1:50051", description="host:port of the detection service."
     )
@@ -253,6 +266,18 @@ class ServerSettings(Section):
     max_message_bytes: int = Field(
         32 * 1024 * 1024, gt=0, description="Largest gRPC message accepted or sent."
     )
+    drain_s: float = Field(
+        1.0,
+        ge=0,
+        description="On SIGTERM, how long health says NOT_SERVING before the server stops "
+        "taking calls, so that clients and load balancers move new calls elsewhere first.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Log level."
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="'json': one JSON object per line; 'text': for people."
+    )
 
 
 class Settings(BaseSettings):
@@ -270,6 +295,34 @@ class Settings(BaseSettings):
     search: SearchSettings = SearchSettings()
     store: StoreSettings = StoreSettings()
     gateway: GatewaySettings = GatewaySettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The defaults as the lowest source: pydantic-settings merges sources deeply, so
+        # a variable that sets one field of a nested model (FACEGRID_GATEWAY__QUALITY_
+        # MEDIUM__MIN_CONFIDENCE) keeps that model's other defaults instead of its
+        # class's (which are LOW's for every quality level).
+        return (init_settings, env_settings, _DefaultsSource(settings_cls))
+
+
+class _DefaultsSource(PydanticBaseSettingsSource):
+    """Every section's default value, dumped: the base the other sources update."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {
+            name: field.get_default(call_default_factory=True).model_dump()
+            for name, field in self.settings_cls.model_fields.items()
+        }
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

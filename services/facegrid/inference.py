@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -18,9 +19,11 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
+from opentelemetry.trace import SpanKind
 
-from facegrid import errors
+from facegrid import errors, telemetry
 from facegrid.config import InferenceBackendKind, InferenceSettings
+from facegrid.metrics import INFERENCE_BATCH, INFERENCE_LATENCY
 from facegrid.models.repository import MODEL_VERSION_PARAMETER, onnx_path
 
 Tensors = dict[str, NDArray[np.generic]]
@@ -115,6 +118,8 @@ class TritonBackend:
                 request_inputs,
                 outputs=requested,
                 client_timeout=self._settings.triton_timeout_s,
+                # W3C trace context: Triton joins the caller's trace when it traces.
+                headers=telemetry.trace_headers(),
             )
         except InferenceServerException as exc:
             raise _map_triton_error(model, exc) from exc
@@ -147,10 +152,39 @@ class TritonBackend:
         await self._client.close()
 
 
+class InstrumentedBackend:
+    """A backend whose inference calls are spans and Prometheus observations."""
+
+    def __init__(self, inner: InferenceBackend, kind: str) -> None:
+        self._inner = inner
+        self._kind = kind
+
+    async def infer(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
+        batch = int(next(iter(inputs.values())).shape[0]) if inputs else 0
+        kind = SpanKind.CLIENT if self._kind == "triton" else SpanKind.INTERNAL
+        started = time.perf_counter()
+        with telemetry.span(
+            f"inference {model}", kind, model=model, backend=self._kind, batch_size=batch
+        ):
+            result = await self._inner.infer(model, inputs, outputs)
+        INFERENCE_LATENCY.labels(model, self._kind).observe(time.perf_counter() - started)
+        INFERENCE_BATCH.labels(model, self._kind).observe(batch)
+        return result
+
+    async def model_version(self, model: str) -> str:
+        return await self._inner.model_version(model)
+
+    async def ready(self) -> bool:
+        return await self._inner.ready()
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 def create_backend(settings: InferenceSettings, models: list[str]) -> InferenceBackend:
     if settings.backend is InferenceBackendKind.TRITON:
-        return TritonBackend(settings)
-    return LocalBackend(settings, models)
+        return InstrumentedBackend(TritonBackend(settings), "triton")
+    return InstrumentedBackend(LocalBackend(settings, models), "onnxruntime")
 
 
 def _triton_dtype(array: NDArray[np.generic]) -> str:

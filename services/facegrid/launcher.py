@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +19,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from facegrid.config import Settings, load_settings
-from facegrid.processes import free_port
+from facegrid.logs import configure_logging
+from facegrid.metrics import serve_metrics
+from facegrid.processes import free_ports
+from facegrid.telemetry import setup_tracing, shutdown_tracing
 
 # service name -> module whose ``serve(settings)`` coroutine runs it until stopped.
 SERVICES = {
@@ -44,13 +48,17 @@ def service_port(settings: Settings, service: str) -> int:
 
 
 def serve_one(service: str, overrides: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    # faiss (under Milvus Lite) logs each CPU-specific build it cannot load, at INFO.
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    logging.getLogger("grpc._server").addFilter(_not_milvus_lite_probe)
+    """Run one service in this process until SIGTERM/SIGINT; 0 after a clean stop."""
     settings = load_settings(overrides)
+    configure_logging(service, settings.server.log_level, settings.server.log_format)
+    logging.getLogger("grpc._server").addFilter(_not_milvus_lite_probe)
+    provider = setup_tracing(service)
+    serve_metrics(settings.server.host, getattr(settings, service).metrics_port)
     module = importlib.import_module(SERVICES[service])
-    asyncio.run(module.serve(settings))
+    try:
+        asyncio.run(module.serve(settings))
+    finally:
+        shutdown_tracing(provider)
     return 0
 
 
@@ -83,45 +91,62 @@ def wait_healthy(
 
 @dataclass
 class RunningService:
-    name: str
+    name: str  # the instance: "embedding", or "embedding-2" for a second one
+    kind: str  # the service: "embedding"
     address: str
+    metrics_port: int
     process: subprocess.Popen[bytes]
 
 
 class ServiceGroup:
     """Services started as child processes, stopped together in reverse order."""
 
-    def __init__(self, overrides: list[str], log_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        overrides: list[str],
+        log_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.overrides = list(overrides)
+        self.env = {**os.environ, **(env or {})}  # e.g. OTEL_* for the children
         self.settings = load_settings(overrides)
         self.log_dir = log_dir
         self.services: dict[str, RunningService] = {}
 
-    def start(self, name: str, port: int | None = None) -> RunningService:
-        """Start one service (on its configured port, or ``port``; 0: a free one)."""
+    def start(
+        self, name: str, port: int | None = None, instance: str | None = None
+    ) -> RunningService:
+        """Start one service (on its configured ports, or ``port``; 0: free ones).
+
+        ``instance`` names a further instance of the same service (e.g. "embedding-2");
+        a gateway started afterwards balances over all instances of each service.
+        """
+        key = instance or name
+        metrics_port = getattr(self.settings, name).metrics_port
         if port == 0:
-            port = free_port()
+            port, metrics_port = free_ports(2)
         if port is None:
             port = service_port(self.settings, name)
         command = [sys.executable, "-m", "facegrid.cli", "serve", name, "--port", str(port)]
-        overrides = list(self.overrides)
+        overrides = [*self.overrides, f"{name}.metrics_port={metrics_port}"]
         if name == "gateway":
             # The gateway calls the services of this group where they really listen.
             overrides += [
-                f"{GATEWAY_DEPENDENCIES[dep]}={svc.address}"
-                for dep, svc in self.services.items()
-                if dep in GATEWAY_DEPENDENCIES
+                f"{setting}={self._target(dependency)}"
+                for dependency, setting in GATEWAY_DEPENDENCIES.items()
+                if self._target(dependency)
             ]
         for override in overrides:
             command += ["--set", override]
         output = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            output = (self.log_dir / f"{name}.log").open("ab")
+            output = (self.log_dir / f"{key}.log").open("ab")
         try:
             # Own session: Ctrl-C reaches only the launcher, which stops them in order.
             process = subprocess.Popen(
                 command,
+                env=self.env,
                 start_new_session=True,
                 stdout=output,
                 stderr=subprocess.STDOUT if output is not None else None,
@@ -129,19 +154,36 @@ class ServiceGroup:
         finally:
             if output is not None:
                 output.close()
-        service = RunningService(name, f"{self.settings.server.host}:{port}", process)
-        self.services[name] = service
+        address = f"{self.settings.server.host}:{port}"
+        service = RunningService(key, name, address, metrics_port, process)
+        self.services[key] = service
         wait_healthy(service.address, HEALTH_TIMEOUT_S, process)
         return service
 
+    def _target(self, kind: str) -> str:
+        """The gRPC target of every running instance of a service ("" if none)."""
+        addresses = [s.address for s in self.services.values() if s.kind == kind]
+        if len(addresses) > 1:
+            return "ipv4:" + ",".join(addresses)  # round-robin over all of them
+        return addresses[0] if addresses else ""
+
     def restart(self, name: str) -> RunningService:
-        """Stop one service gracefully and start it again on the same port."""
+        """Stop one instance gracefully (SIGTERM) and start it again on the same ports."""
         service = self.services.pop(name)
         service.process.send_signal(signal.SIGTERM)
-        service.process.wait(timeout=self.settings.server.grace_period_s + 5)
+        service.process.wait(timeout=self.settings.server.grace_period_s + 10)
         if service.process.returncode != 0:
             raise RuntimeError(f"{name} exited with {service.process.returncode} on SIGTERM")
-        return self.start(name, port=int(service.address.rsplit(":", 1)[1]))
+        self.settings = load_settings(
+            [*self.overrides, f"{service.kind}.metrics_port={service.metrics_port}"]
+        )
+        restarted = self.start(
+            service.kind,
+            port=int(service.address.rsplit(":", 1)[1]),
+            instance=name if name != service.kind else None,
+        )
+        self.settings = load_settings(self.overrides)
+        return restarted
 
     def exited(self) -> RunningService | None:
         """A service that has stopped on its own, if any."""

@@ -3,8 +3,9 @@
 One function builds an asyncio gRPC server with what every service needs: the
 ``grpc.health.v1`` service, server reflection, a bound on concurrent calls (beyond it
 gRPC answers RESOURCE_EXHAUSTED), a default deadline for calls that bring none, rich
-error statuses from :class:`facegrid.errors.ServiceError`, and a graceful stop on
-SIGTERM/SIGINT (health turns NOT_SERVING, in-flight calls get a grace period).
+error statuses from :class:`facegrid.errors.ServiceError`, an OpenTelemetry span, the
+RPC metrics and one log line per call, and a graceful stop on SIGTERM/SIGINT (health
+turns NOT_SERVING, a drain pause, then in-flight calls get a grace period).
 """
 
 from __future__ import annotations
@@ -12,20 +13,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from facegrid.config import ServerSettings
 from facegrid.errors import ServiceError, internal
+from facegrid.logs import log_rpc
+from facegrid.metrics import RPC_ERRORS, RPC_LATENCY, RPC_REQUESTS
+from facegrid.telemetry import grpc_server_interceptor
 
 log = logging.getLogger(__name__)
+rpc_log = logging.getLogger("facegrid.rpc")
+_INFRASTRUCTURE = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 # A call that arrives without a deadline still gets one, so no call can hold a worker
 # forever.
@@ -52,8 +60,11 @@ class ServiceRegistration:
         return cls(full_name, lambda server: add(servicer, server))
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Turns ServiceError into a status with google.rpc details; bounds call time."""
+class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Per call: rich error statuses from ServiceError, a time bound, metrics, one log line."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
 
     async def intercept_service(
         self,
@@ -61,74 +72,127 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
+        if handler is None or handler_call_details.method.startswith(_INFRASTRUCTURE):
+            return handler  # health probes and reflection: neither counted nor logged
+        call = _CallRecorder(self._service, handler_call_details.method)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
+                _wrap_unary(handler.unary_unary, call),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method),
+                _wrap_unary(handler.stream_unary, call),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
+                _wrap_stream(handler.unary_stream, call),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method),
+                _wrap_stream(handler.stream_stream, call),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
 
+@dataclass(frozen=True)
+class _CallRecorder:
+    """Counts, times and logs the calls of one method (never their contents)."""
+
+    service: str
+    method: str
+
+    def record(
+        self,
+        started: float,
+        code: grpc.StatusCode,
+        reason: str = "",
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        name = code.name
+        RPC_REQUESTS.labels(self.service, self.method, name).inc()
+        RPC_LATENCY.labels(self.service, self.method).observe(elapsed)
+        if code != grpc.StatusCode.OK:
+            RPC_ERRORS.labels(self.service, self.method, name).inc()
+        fields = {"reason": reason} if reason else {}
+        # No peer address: a caller's IP address can be personal data (the audit log
+        # keeps it for identification calls, where accountability needs it).
+        log_rpc(rpc_log, method=self.method, code=name, duration_ms=elapsed * 1000.0, **fields)
+
+
+def _reason(error: ServiceError) -> str:
+    for detail in error.details:
+        if isinstance(detail, error_details_pb2.ErrorInfo):
+            return str(detail.reason)
+    return ""
+
+
 def _wrap_unary(
-    inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], method: str
+    inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], call: _CallRecorder
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        code, reason = grpc.StatusCode.OK, ""
         try:
             async with asyncio.timeout(_time_budget(context)):
                 return await inner(request, context)
         except ServiceError as exc:
+            code, reason = exc.code, _reason(exc)
             await _abort(context, exc)
         except TimeoutError:
-            await _abort(context, _deadline_error(method))
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+            await _abort(context, _deadline_error(call.method))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as exc:
             if _is_abort(exc):
+                code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
-            log.exception("unhandled error in %s", method)
-            await _abort(context, internal(f"internal error in {method}"))
+            code = grpc.StatusCode.INTERNAL
+            log.exception("unhandled error in %s", call.method)
+            await _abort(context, internal(f"internal error in {call.method}"))
+        finally:
+            call.record(started, code, reason)
         return None  # unreachable: abort raises
 
-    return call
+    return run
 
 
 def _wrap_stream(
-    inner: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]], method: str
+    inner: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]], call: _CallRecorder
 ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         # Streams (watchers) may be long-lived: only the caller's deadline applies.
+        started = time.perf_counter()
+        code, reason = grpc.StatusCode.OK, ""
         try:
             async for item in inner(request, context):
                 yield item
         except ServiceError as exc:
+            code, reason = exc.code, _reason(exc)
             await _abort(context, exc)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as exc:
             if _is_abort(exc):
+                code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
-            log.exception("unhandled error in %s", method)
-            await _abort(context, internal(f"internal error in {method}"))
+            code = grpc.StatusCode.INTERNAL
+            log.exception("unhandled error in %s", call.method)
+            await _abort(context, internal(f"internal error in {call.method}"))
+        finally:
+            call.record(started, code, reason)
 
-    return call
+    return run
 
 
 def _time_budget(context: grpc.aio.ServicerContext) -> float:
@@ -165,7 +229,8 @@ class FacegridServer:
         self.health = health.aio.HealthServicer()
         self._names = [r.full_name for r in registrations]
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            # OpenTelemetry's first, so that the call's span is current in ours.
+            interceptors=[grpc_server_interceptor(), CallInterceptor(name)],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -199,8 +264,11 @@ class FacegridServer:
             return
         self._stopped.set()
         await self.health.enter_graceful_shutdown()
+        log.info("%s draining: health is NOT_SERVING", self.name)
+        await asyncio.sleep(self.settings.drain_s)
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         await self.server.stop(grace)
+        log.info("%s stopped", self.name)
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

@@ -100,6 +100,9 @@ class TritonServer:
     metrics_port: int = field(default_factory=free_port)
     shm_prefix: str = field(default_factory=lambda: f"facegrid_{uuid.uuid4().hex[:12]}_")
     process: subprocess.Popen[bytes] | None = None
+    # OTLP/HTTP endpoint (http://host:port/v1/traces) for Triton's own OpenTelemetry
+    # traces of each inference; it joins the caller's trace from the traceparent header.
+    trace_url: str | None = None
 
     @property
     def grpc_url(self) -> str:
@@ -125,6 +128,18 @@ class TritonServer:
             "--metrics-address=127.0.0.1",
             f"--metrics-port={self.metrics_port}",
             "--log-verbose=0",
+            *self._trace_arguments(),
+        ]
+
+    def _trace_arguments(self) -> list[str]:
+        if self.trace_url is None:
+            return []
+        return [
+            "--trace-config=mode=opentelemetry",
+            "--trace-config=level=TIMESTAMPS",
+            "--trace-config=rate=1",
+            f"--trace-config=opentelemetry,url={self.trace_url}",
+            "--trace-config=opentelemetry,resource=service.name=triton",
         ]
 
     def environment(self) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from facegrid import telemetry
 from facegrid.config import Settings
 from facegrid.errors import invalid_arguments
 from facegrid.imaging import decode_image
@@ -40,8 +41,11 @@ class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):  # type: i
         context: grpc.aio.ServicerContext,
     ) -> detection_pb2.DetectionServiceDetectFacesResponse:
         max_faces, min_confidence, upsample = _validate(request)
-        image = decode_image(request.image, self._settings.images)
+        with telemetry.span("detection.decode", image_bytes=len(request.image)):
+            image = decode_image(request.image, self._settings.images)
+        telemetry.annotate(image_width=image.width, image_height=image.height)
         faces = await self._pipeline.detect(image.pixels, max_faces, min_confidence, upsample)
+        telemetry.annotate(face_count=len(faces))
         return detection_pb2.DetectionServiceDetectFacesResponse(
             faces=[
                 face_detail(face, image.width, image.height, request.include_chips)

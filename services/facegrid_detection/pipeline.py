@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from facegrid import telemetry
 from facegrid.config import Settings
 from facegrid.inference import InferenceBackend
 from numpy.typing import NDArray
@@ -76,16 +77,20 @@ class DetectionPipeline:
         self, image: NDArray[np.uint8], max_faces: int, min_confidence: float, upsample: int
     ) -> list[DetectedFace]:
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self._executor, self._prepare, image, upsample)
+        with telemetry.span("detection.pyramid", upsample=upsample):
+            prepared = await loop.run_in_executor(self._executor, self._prepare, image, upsample)
         if min(mmod.trunk_output_size(*prepared.pyramid.size)) < 1:
             return []  # smaller than one detector window: no face can be found
         outputs = await self._backend.infer(
             self._model, {"image": prepared.pyramid.trunk_input(np.float32)}, ["scores"]
         )
         scores = np.asarray(outputs["scores"], dtype=np.float32)
-        return await loop.run_in_executor(
-            self._executor, self._finish, image, prepared, scores, max_faces, min_confidence
-        )
+        with telemetry.span("detection.analyse") as current:
+            faces = await loop.run_in_executor(
+                self._executor, self._finish, image, prepared, scores, max_faces, min_confidence
+            )
+            current.set_attribute("facegrid.face_count", len(faces))
+        return faces
 
     def _prepare(self, image: NDArray[np.uint8], upsample: int) -> _Prepared:
         working, scale = self._shrink_for_detection(image)

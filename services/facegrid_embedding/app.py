@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import grpc
 import numpy as np
+from facegrid import telemetry
 from facegrid.config import Settings
 from facegrid.errors import invalid_argument, invalid_arguments
 from facegrid.inference import InferenceBackend, create_backend
+from facegrid.metrics import QUEUE_DEPTH
 from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
 from facegrid.similarity import load_calibration
 from facegrid.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
@@ -85,6 +87,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):  # type: i
         context: grpc.aio.ServicerContext,
     ) -> embedding_pb2.EmbeddingServiceEmbedChipsResponse:
         chips = chips_from_request(request, self._settings.embedding.max_chips_per_request)
+        telemetry.annotate(chip_count=int(chips.shape[0]))
         vectors, norms = await self._embedder.embed(chips)
         return embedding_pb2.EmbeddingServiceEmbedChipsResponse(
             embeddings=[
@@ -121,6 +124,7 @@ async def serve(settings: Settings) -> None:
     backend = create_backend(settings.inference, [settings.inference.embedder_model])
     embedder = Embedder(settings, backend)
     embedder.batcher.start()
+    QUEUE_DEPTH.labels("embedding_chips").set_function(lambda: embedder.batcher.queued_chips)
     servicer = EmbeddingServicer(settings, embedder)
     server = FacegridServer(
         "embedding",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from facegrid import errors
 from numpy.typing import NDArray
+from opentelemetry import context as otel_context
 
 RunBatch = Callable[[NDArray[np.uint8]], Awaitable[NDArray[np.float32]]]
 
@@ -28,6 +29,8 @@ class _Pending:
     future: asyncio.Future[NDArray[np.float32]]
     taken: int = 0  # chips of this request already sent to the model
     parts: list[NDArray[np.float32]] = field(default_factory=list)
+    # The caller's trace context: a batch is traced as part of its first request's trace.
+    trace_context: otel_context.Context = field(default_factory=otel_context.get_current)
 
     @property
     def remaining(self) -> int:
@@ -110,6 +113,7 @@ class MicroBatcher:
             batch, takers = self._take_batch()
             if not takers:
                 continue
+            token = otel_context.attach(takers[0][0].trace_context)
             try:
                 outputs = await self._run_batch(batch)
             except Exception as exc:
@@ -117,6 +121,8 @@ class MicroBatcher:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
                 continue
+            finally:
+                otel_context.detach(token)
             self._deliver(outputs, takers)
 
     async def _wait_for_more(self) -> None:

@@ -17,8 +17,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
+from facegrid import telemetry
 from facegrid.auth import AUTHORIZATION_HEADER, BEARER_PREFIX, Credentials, Principal
 from facegrid.errors import ServiceError, internal, unavailable
+from facegrid.metrics import AUDIT_RECORDS
 from facegrid.v1 import common_pb2, face_service_pb2
 from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import FieldDescriptor
@@ -44,6 +46,7 @@ class AuditDraft:
 
     def collection(self, name: str) -> None:
         self.record.collection = name
+        telemetry.annotate(collection=name)
 
     def target(self, name: str) -> None:
         self.record.target = name
@@ -56,6 +59,7 @@ class AuditDraft:
 
     def model_version(self, version: str) -> None:
         self.record.model_version = version
+        telemetry.annotate(model_version=version)
 
     def results(
         self, names: Iterable[str], similarities: Iterable[float] = (), count: int | None = None
@@ -63,8 +67,10 @@ class AuditDraft:
         self.record.result_resources.extend(names)
         self.record.result_count = len(self.record.result_resources) if count is None else count
         scores = list(similarities)
+        telemetry.annotate(result_count=self.record.result_count)
         if scores:
             self.record.top_similarity = max(scores)
+            telemetry.annotate(top_similarity=self.record.top_similarity)
 
 
 Method = Callable[[Any, Any, grpc.aio.ServicerContext, AuditDraft], Awaitable[Any]]
@@ -110,6 +116,7 @@ class Gatekeeper:
                 principal=principal.name,
                 method=f"/{SERVICE_NAME}/{method_name}",
                 client_address=context.peer() or "",
+                trace_id=telemetry.current_trace_id(),
             )
         )
         try:
@@ -152,7 +159,9 @@ class Gatekeeper:
     ) -> face_service_pb2.AuditRecord:
         draft.record.status_code = int(code.value[0])
         try:
-            return await self.audit_log.append(draft.record)
+            stored = await self.audit_log.append(draft.record)
+            AUDIT_RECORDS.labels(draft.record.method, code.name).inc()
+            return stored
         except Exception as exc:
             log.exception("the audit record could not be written")
             raise unavailable(

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import grpc
 from facegrid.config import Settings
 from facegrid.errors import relay, unavailable
+from facegrid.telemetry import grpc_client_interceptors
 from facegrid.v1 import (
     detection_pb2_grpc,
     embedding_pb2_grpc,
@@ -51,6 +52,9 @@ def _service_config(names: list[dict[str, str]]) -> str:
         {
             # With a headless Kubernetes Service (dns:///name:port), calls spread over pods.
             "loadBalancingConfig": [{"round_robin": {}}],
+            # Client-side health checking: an instance that is draining (NOT_SERVING)
+            # gets no new calls, so a rolling restart fails none.
+            "healthCheckConfig": {"serviceName": ""},
             "methodConfig": [{"name": names, "retryPolicy": _RETRY_POLICY}],
         }
     )
@@ -76,6 +80,7 @@ class Downstream:
         self._channels = [
             grpc.aio.insecure_channel(
                 gateway.detection_address,
+                interceptors=grpc_client_interceptors(),
                 options=[
                     *options,
                     (
@@ -86,6 +91,7 @@ class Downstream:
             ),
             grpc.aio.insecure_channel(
                 gateway.embedding_address,
+                interceptors=grpc_client_interceptors(),
                 options=[
                     *options,
                     (
@@ -96,6 +102,7 @@ class Downstream:
             ),
             grpc.aio.insecure_channel(
                 gateway.search_address,
+                interceptors=grpc_client_interceptors(),
                 options=[
                     *options,
                     (

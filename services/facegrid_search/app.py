@@ -6,7 +6,7 @@ import math
 from typing import TypeAlias
 
 import grpc
-from facegrid import names, paging
+from facegrid import names, paging, telemetry
 from facegrid.config import Settings
 from facegrid.errors import failed_precondition, invalid_argument, invalid_arguments, not_found
 from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
@@ -346,6 +346,12 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
                 f"the collection holds {spec.model_version!r}",
             )
         queries = convert.unit_vectors(list(request.queries), spec.dimension, "queries")
+        telemetry.annotate(
+            collection=names.collection_name(collection_id),
+            query_count=count,
+            top_k=top_k,
+            group_by_subject=request.group_by_subject,
+        )
         results = await self._core.search(
             collection,
             queries,
@@ -354,7 +360,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
             request.group_by_subject,
             self._settings.store.hnsw_ef_search,
         )
-        return S.SearchServiceSearchFacesResponse(
+        response = S.SearchServiceSearchFacesResponse(
             results=[
                 S.SearchServiceSearchFacesResponse.QueryResult(
                     matches=self._matches(
@@ -365,6 +371,11 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
             ],
             model_version=spec.model_version,
         )
+        found = [m.similarity for result in response.results for m in result.matches]
+        telemetry.annotate(result_count=len(found))
+        if found:
+            telemetry.annotate(top_similarity=max(found))
+        return response
 
     @staticmethod
     def _matches(

@@ -10,6 +10,7 @@ Milvus Lite is not meant to be called from several threads at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from typing import TypeVar
 
 from facegrid.config import SearchCache, StoreSettings
 from facegrid.errors import already_exists, failed_precondition, not_found
+from facegrid.metrics import GALLERY_FACES
 from facegrid.names import FaceName, SubjectName, collection_name
 from facegrid.similarity import Calibration
 
@@ -38,6 +40,8 @@ T = TypeVar("T")
 # Milvus search returns at most this many hits; subject grouping on a server draws
 # candidates from this many faces.
 SERVER_GROUP_CANDIDATES = 16_384
+# How often gallery sizes are counted for Prometheus when Milvus must be asked.
+GAUGE_REFRESH_S = 30.0
 
 
 @dataclass
@@ -58,6 +62,7 @@ class SearchCore:
         self.store: MilvusStore | None = None
         self._collections: dict[str, Collection] = {}
         self._registry_lock = asyncio.Lock()
+        self._gauge_task: asyncio.Task[None] | None = None
 
     @property
     def cached(self) -> bool:
@@ -78,6 +83,25 @@ class SearchCore:
         self.store = await self._milvus(MilvusStore, self.settings, not self._cached(is_lite))
         for spec in await self._milvus(self.store.list_specs):
             self._collections[spec.collection_id] = await self._load(spec)
+            self._observe(self._collections[spec.collection_id])
+        if not self.cached:
+            self._gauge_task = asyncio.create_task(self._refresh_gauges())
+
+    def _observe(self, collection: Collection) -> None:
+        """Gallery size for Prometheus: exact at once from the cache."""
+        if collection.cache is not None:
+            GALLERY_FACES.labels(collection.spec.collection_id).set(len(collection.cache))
+
+    async def _refresh_gauges(self) -> None:
+        """Without a cache, counting costs a Milvus query: done every half minute."""
+        while True:
+            for spec in await self.list_specs():
+                try:
+                    faces = await self._milvus(self._store().count_faces, spec.collection_id)
+                except Exception:  # the next round will tell
+                    continue
+                GALLERY_FACES.labels(spec.collection_id).set(faces)
+            await asyncio.sleep(GAUGE_REFRESH_S)
 
     async def _load(self, spec: CollectionSpec) -> Collection:
         await self._milvus(self._store().load, spec.collection_id)
@@ -94,6 +118,8 @@ class SearchCore:
         return Collection(spec, cache, asyncio.Lock())
 
     async def close(self) -> None:
+        if self._gauge_task is not None:
+            self._gauge_task.cancel()
         if self.store is not None:
             await self._milvus(self.store.close)
         self._executor.shutdown(wait=True)
@@ -126,6 +152,7 @@ class SearchCore:
             await self._milvus(store.create_collection, spec)
             cache = FaceCache(spec.dimension) if self.cached else None
             self._collections[spec.collection_id] = Collection(spec, cache, asyncio.Lock())
+            self._observe(self._collections[spec.collection_id])
 
     async def list_specs(self) -> list[CollectionSpec]:
         if self.cached:
@@ -159,6 +186,8 @@ class SearchCore:
                     )
                 await self._milvus(self._store().drop_collection, collection_id)
                 self._collections.pop(collection_id, None)
+                with contextlib.suppress(KeyError):
+                    GALLERY_FACES.remove(collection_id)
                 return faces
 
     # ---------------------------------------------------------------- faces
@@ -189,6 +218,7 @@ class SearchCore:
             )
             if collection.cache is not None:
                 collection.cache.upsert(rows, vectors)
+            self._observe(collection)
 
     async def delete_faces(self, collection: Collection, face_ids: list[str]) -> None:
         async with collection.lock:
@@ -200,6 +230,7 @@ class SearchCore:
         await self._milvus(self._store().delete_faces, collection.spec.collection_id, face_ids)
         if collection.cache is not None:
             collection.cache.delete(face_ids)
+        self._observe(collection)
 
     async def matching_ids(self, collection: Collection, face_filter: FaceFilter) -> list[str]:
         if collection.cache is not None:

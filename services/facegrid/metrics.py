@@ -1,0 +1,72 @@
+"""Prometheus metrics: one place that names them, shared by every service.
+
+Each service serves them over HTTP on its ``metrics_port`` (``/metrics``). Labels hold
+method names, status codes, model names and collection ids only: never personal data.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+RPC_REQUESTS = Counter(
+    "facegrid_rpc_requests",
+    "gRPC calls served, by method and status code.",
+    ["service", "method", "code"],
+)
+RPC_ERRORS = Counter(
+    "facegrid_rpc_errors",
+    "gRPC calls that ended with a status other than OK, by method and code.",
+    ["service", "method", "code"],
+)
+RPC_LATENCY = Histogram(
+    "facegrid_rpc_duration_seconds",
+    "Time to serve a gRPC call, by method.",
+    ["service", "method"],
+    buckets=_LATENCY_BUCKETS,
+)
+INFERENCE_LATENCY = Histogram(
+    "facegrid_inference_duration_seconds",
+    "Time of one model inference call, by model and backend.",
+    ["model", "backend"],
+    buckets=_LATENCY_BUCKETS,
+)
+INFERENCE_BATCH = Histogram(
+    "facegrid_inference_batch_size",
+    "Items (images or chips) per model inference call.",
+    ["model", "backend"],
+    buckets=_BATCH_BUCKETS,
+)
+QUEUE_DEPTH = Gauge(
+    "facegrid_queue_depth",
+    "Items waiting in a bounded queue.",
+    ["queue"],
+)
+GALLERY_FACES = Gauge(
+    "facegrid_gallery_faces",
+    "Faces stored per collection.",
+    ["collection"],
+)
+AUDIT_RECORDS = Counter(
+    "facegrid_audit_records",
+    "Audit records written, by method and status code.",
+    ["method", "code"],
+)
+
+
+def serve_metrics(host: str, port: int) -> int:
+    """Serve /metrics on ``host:port`` in a background thread (0: off); return the port."""
+    if port == 0:
+        return 0
+    server, _ = start_http_server(port, addr=host)
+    bound = int(server.server_port)
+    log.info("metrics on http://%s:%d/metrics", host, bound)
+    return bound
