@@ -10,7 +10,7 @@ from pathlib import Path
 
 from facegrid import auth, config_reference, launcher
 from facegrid.client import commands as client_commands
-from facegrid.config import load_settings
+from facegrid.config import add_overrides_argument, load_settings
 from facegrid.evaluation import commands as evaluation_commands
 from facegrid.models.repository import TritonBackend
 
@@ -48,14 +48,14 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run one service in the foreground")
     serve.add_argument("service", choices=sorted(launcher.SERVICES))
-    _add_overrides(serve)
+    add_overrides_argument(serve)
     serve.add_argument("--port", type=int, help="port to listen on (0: any free port)")
     serve.set_defaults(handler=_serve)
 
     up = commands.add_parser(
         "up", help="start every service on this machine, wait until healthy, stop on Ctrl-C"
     )
-    _add_overrides(up)
+    add_overrides_argument(up)
     up.add_argument(
         "--seed",
         type=Path,
@@ -106,17 +106,6 @@ def _parser() -> argparse.ArgumentParser:
     config_reference.register(commands)
     evaluation_commands.register(commands)
     return parser
-
-
-def _add_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override a setting (repeatable), e.g. --set inference.backend=triton",
-    )
 
 
 def _models_build(args: argparse.Namespace) -> int:

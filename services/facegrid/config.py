@@ -8,6 +8,7 @@ one-machine configuration: in-process onnxruntime and local files.
 
 from __future__ import annotations
 
+import argparse
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -323,6 +324,18 @@ class _DefaultsSource(PydanticBaseSettingsSource):
             name: field.get_default(call_default_factory=True).model_dump()
             for name, field in self.settings_cls.model_fields.items()
         }
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser, help_text: str = "") -> None:
+    """The repeatable ``--set section.field=value`` option of every command that runs code."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help=help_text or "override a setting (repeatable), e.g. --set inference.backend=triton",
+    )
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

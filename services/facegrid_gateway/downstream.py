@@ -77,45 +77,27 @@ class Downstream:
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
+        retried = {
+            # Every method of detection and embedding is idempotent; of search, these.
+            "detection": [{"service": "facegrid.v1.DetectionService"}],
+            "embedding": [{"service": "facegrid.v1.EmbeddingService"}],
+            "search": [
+                {"service": "facegrid.v1.SearchService", "method": m}
+                for m in _IDEMPOTENT_SEARCH_METHODS
+            ],
+        }
+        addresses = {
+            "detection": gateway.detection_address,
+            "embedding": gateway.embedding_address,
+            "search": gateway.search_address,
+        }
         self._channels = [
             grpc.aio.insecure_channel(
-                gateway.detection_address,
+                addresses[name],
                 interceptors=grpc_client_interceptors(),
-                options=[
-                    *options,
-                    (
-                        "grpc.service_config",
-                        _service_config([{"service": "facegrid.v1.DetectionService"}]),
-                    ),
-                ],
-            ),
-            grpc.aio.insecure_channel(
-                gateway.embedding_address,
-                interceptors=grpc_client_interceptors(),
-                options=[
-                    *options,
-                    (
-                        "grpc.service_config",
-                        _service_config([{"service": "facegrid.v1.EmbeddingService"}]),
-                    ),
-                ],
-            ),
-            grpc.aio.insecure_channel(
-                gateway.search_address,
-                interceptors=grpc_client_interceptors(),
-                options=[
-                    *options,
-                    (
-                        "grpc.service_config",
-                        _service_config(
-                            [
-                                {"service": "facegrid.v1.SearchService", "method": m}
-                                for m in _IDEMPOTENT_SEARCH_METHODS
-                            ]
-                        ),
-                    ),
-                ],
-            ),
+                options=[*options, ("grpc.service_config", _service_config(retried[name]))],
+            )
+            for name in ("detection", "embedding", "search")
         ]
         self.detection = detection_pb2_grpc.DetectionServiceStub(self._channels[0])
         self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channels[1])

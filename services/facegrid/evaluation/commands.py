@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
+from facegrid.config import add_overrides_argument
 from facegrid.evaluation import calibrate, evaluate, labels, report
 from facegrid.evaluation.faces import FaceSet, face_client
 from facegrid.evaluation.labels import LabelError, LabelSet
@@ -81,13 +82,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[0, 1, 2],
         help="detector upsampling where the labels do not set it (default 0)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="setting for services started here, e.g. inference.model_repository=PATH",
+    add_overrides_argument(
+        parser, "setting for services started here, e.g. inference.model_repository=PATH"
     )
 
 
