@@ -13,7 +13,7 @@ PROTO_FILES := $(wildcard protos/facegrid/v1/*.proto)
 GEN_DIR := services/facegrid/v1
 PYTEST_ARGS ?=
 
-.PHONY: all up test lint protos models venv triton-venv milvus-venv bench-venv clean buf-lint format
+.PHONY: all up test lint protos models venv triton-venv milvus-venv bench-venv bench-gateway clean buf-lint format
 
 all: venv protos models
 
@@ -53,6 +53,10 @@ venv: $(BIN)/.installed
 triton-venv: $(TRITON_VENV)/.installed
 milvus-venv: $(MILVUS_VENV)/.installed
 bench-venv: $(BENCH_VENV)/.installed
+
+# By hand (not in make test): SearchFacesByImage end to end vs its stages vs face_recognition.
+bench-gateway: venv protos models bench-venv
+	$(BIN)/python loadtest/bench_gateway.py --json var/bench_gateway.json
 
 # --- generated code -----------------------------------------------------------
 $(GEN_DIR)/.generated: $(PROTO_FILES) $(BIN)/.installed

@@ -50,6 +50,12 @@ class InferenceSettings(Section):
     intra_op_threads: int = Field(
         0, ge=0, description="onnxruntime threads per session for the local backend (0: all cores)."
     )
+    allow_spinning: bool = Field(
+        False,
+        description="Let the local backend's onnxruntime threads spin-wait between calls: "
+        "a little lower latency for a lone caller, but they burn CPU (tens of ms per "
+        "call) that other work on the machine needs.",
+    )
     detector_model: str = Field("face_detector", description="Model name of the face detector.")
     embedder_model: str = Field("face_embedder", description="Model name of the face embedder.")
 

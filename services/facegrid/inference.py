@@ -51,6 +51,9 @@ class LocalBackend:
         self._versions: dict[str, str] = {}
         options = ort.SessionOptions()
         options.intra_op_num_threads = settings.intra_op_threads
+        spinning = "1" if settings.allow_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         for name in models:
             path = onnx_path(settings.model_repository, name)

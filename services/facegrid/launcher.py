@@ -108,7 +108,10 @@ class ServiceGroup:
         env: dict[str, str] | None = None,
     ) -> None:
         self.overrides = list(overrides)
-        self.env = {**os.environ, **(env or {})}  # e.g. OTEL_* for the children
+        # numpy's OpenBLAS threads spin after every product (the search service's exact
+        # index): ~0.1 s of CPU per call that detection on the same machine needs. One
+        # thread unless the operator says otherwise; OTEL_* and the like from ``env``.
+        self.env = {"OPENBLAS_NUM_THREADS": "1", **os.environ, **(env or {})}
         self.settings = load_settings(overrides)
         self.log_dir = log_dir
         self.services: dict[str, RunningService] = {}
