@@ -14,7 +14,7 @@ import pytest
 from facegrid.auth import ALL_SCOPES, bearer_metadata, create_token
 from facegrid.launcher import UP_ORDER, ServiceGroup, wait_healthy
 from facegrid.models.repository import TritonBackend, build_repository
-from facegrid.processes import free_port
+from facegrid.processes import free_ports
 from facegrid.triton_server import TritonInstall, TritonServer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -84,10 +84,11 @@ def start_service(
     name: str, overrides: list[str], work_dir: Path, timeout_s: float = 120.0
 ) -> ServiceProcess:
     """Run ``facegrid serve NAME`` as its own process and wait until it is healthy."""
-    port = free_port()
+    port, metrics_port = free_ports(2)
     log_path = work_dir / f"{name}-{port}.log"
     command = [sys.executable, "-m", "facegrid.cli", "serve", name, "--port", str(port)]
-    for override in overrides:
+    # Its metrics on a free port too, so that several of a kind can run side by side.
+    for override in [f"{name}.metrics_port={metrics_port}", *overrides]:
         command += ["--set", override]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

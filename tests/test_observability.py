@@ -376,74 +376,21 @@ def test_metrics_count_what_was_sent(
 
     gateway = "/facegrid.v1.FaceService/SearchFacesByImage"
     requests = "facegrid_rpc_requests_total"
-    assert delta("gateway", requests, service="gateway", method=gateway, code="OK") == 3
-    assert (
-        delta("gateway", requests, service="gateway", method=gateway, code="INVALID_ARGUMENT") == 2
-    )
-    assert (
-        delta(
-            "gateway",
-            "facegrid_rpc_errors_total",
-            service="gateway",
-            method=gateway,
-            code="INVALID_ARGUMENT",
-        )
-        == 2
-    )
-    assert (
-        delta("gateway", "facegrid_rpc_duration_seconds_count", service="gateway", method=gateway)
-        == 5
-    )
-    assert (
-        delta(
-            "gateway",
-            requests,
-            service="gateway",
-            method="/facegrid.v1.FaceService/SearchFaces",
-            code="NOT_FOUND",
-        )
-        == 1
-    )
-    assert (
-        delta(
-            "detection",
-            requests,
-            service="detection",
-            method="/facegrid.v1.DetectionService/DetectFaces",
-            code="OK",
-        )
-        == 3
-    )
-    assert (
-        delta(
-            "embedding",
-            requests,
-            service="embedding",
-            method="/facegrid.v1.EmbeddingService/EmbedChips",
-            code="OK",
-        )
-        == 3
-    )
-    assert (
-        delta(
-            "search",
-            requests,
-            service="search",
-            method="/facegrid.v1.SearchService/SearchFaces",
-            code="OK",
-        )
-        == 3
-    )
-    assert (
-        delta(
-            "search",
-            requests,
-            service="search",
-            method="/facegrid.v1.SearchService/GetFace",
-            code="NOT_FOUND",
-        )
-        == 1
-    )
+    expected = [  # (process, metric, method, code, change)
+        ("gateway", requests, gateway, "OK", 3),
+        ("gateway", requests, gateway, "INVALID_ARGUMENT", 2),
+        ("gateway", "facegrid_rpc_errors_total", gateway, "INVALID_ARGUMENT", 2),
+        ("gateway", requests, "/facegrid.v1.FaceService/SearchFaces", "NOT_FOUND", 1),
+        ("detection", requests, "/facegrid.v1.DetectionService/DetectFaces", "OK", 3),
+        ("embedding", requests, "/facegrid.v1.EmbeddingService/EmbedChips", "OK", 3),
+        ("search", requests, "/facegrid.v1.SearchService/SearchFaces", "OK", 3),
+        ("search", requests, "/facegrid.v1.SearchService/GetFace", "NOT_FOUND", 1),
+    ]
+    for process, metric, method, code, change in expected:
+        got = delta(process, metric, service=process, method=method, code=code)
+        assert got == change, (process, metric, method, code)
+    latency = "facegrid_rpc_duration_seconds_count"
+    assert delta("gateway", latency, service="gateway", method=gateway) == 5
     # Inference: one call per image for the detector, one chip per call for the embedder.
     assert (
         delta(

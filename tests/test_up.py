@@ -19,11 +19,18 @@ SERVICES = ("detection", "embedding", "search", "gateway")
 
 
 def test_up_starts_seeds_and_stops_everything(model_repo: Path, tmp_path: Path) -> None:
-    ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
+    free = free_ports(2 * len(SERVICES))
+    ports = dict(zip(SERVICES, free[: len(SERVICES)], strict=True))
+    metrics_ports = dict(zip(SERVICES, free[len(SERVICES) :], strict=True))
     command = [sys.executable, "-m", "facegrid.cli", "up"]
     command += ["--set", f"inference.model_repository={model_repo}"]
     for name, port in ports.items():
-        command += ["--set", f"{name}.port={port}"]
+        command += [
+            "--set",
+            f"{name}.port={port}",
+            "--set",
+            f"{name}.metrics_port={metrics_ports[name]}",
+        ]
     # The demo collection is seeded by default, from the manifest inside the package.
     # Run where a user would: var/ (database, audit log, credentials) is created here.
     up = subprocess.Popen(

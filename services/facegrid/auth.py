@@ -45,6 +45,7 @@ ALL_SCOPES = (
 LOCAL_ADMIN = "local-admin"
 DEFAULT_TOKEN_FILE = Path("var/admin.token")
 TOKEN_ENV = "FACEGRID_TOKEN"
+TOKEN_PREFIX = "fgt_"
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,9 @@ def create_token(path: Path, principal: str, scopes: Iterable[str]) -> str:
     unknown = set(granted) - set(ALL_SCOPES)
     if unknown or not granted:
         raise ValueError(f"scopes must be some of {', '.join(ALL_SCOPES)}")
-    token = secrets.token_urlsafe(32)
+    # A recognisable prefix (secret scanners can match it) that also keeps a token from
+    # starting with "-", which a command line would take for an option.
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     document = json.loads(path.read_text()) if path.exists() else {"principals": []}
     document["principals"] = [e for e in document["principals"] if e["principal"] != principal] + [
         {"principal": principal, "token_sha256": token_digest(token), "scopes": granted}

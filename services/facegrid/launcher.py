@@ -111,7 +111,9 @@ class ServiceGroup:
         # numpy's OpenBLAS threads spin after every product (the search service's exact
         # index): ~0.1 s of CPU per call that detection on the same machine needs. One
         # thread unless the operator says otherwise; OTEL_* and the like from ``env``.
-        self.env = {"OPENBLAS_NUM_THREADS": "1", **os.environ, **(env or {})}
+        # gRPC's C core logs INFO lines of its own (not JSON) to stderr: errors only.
+        defaults = {"OPENBLAS_NUM_THREADS": "1", "GRPC_VERBOSITY": "ERROR"}
+        self.env = {**defaults, **os.environ, **(env or {})}
         self.settings = load_settings(overrides)
         self.log_dir = log_dir
         self.services: dict[str, RunningService] = {}

@@ -66,7 +66,13 @@ def serve_metrics(host: str, port: int) -> int:
     """Serve /metrics on ``host:port`` in a background thread (0: off); return the port."""
     if port == 0:
         return 0
-    server, _ = start_http_server(port, addr=host)
+    try:
+        server, _ = start_http_server(port, addr=host)
+    except OSError as error:
+        raise RuntimeError(
+            f"cannot serve metrics on {host}:{port} ({error.strerror}): set the service's "
+            "metrics_port to a free port, or 0 to turn metrics off"
+        ) from error
     bound = int(server.server_port)
     log.info("metrics on http://%s:%d/metrics", host, bound)
     return bound
