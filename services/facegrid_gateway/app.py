@@ -11,7 +11,7 @@ import hashlib
 import logging
 import math
 import uuid
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import grpc
 from facegrid import names, paging
@@ -27,7 +27,7 @@ from facegrid.auth import (
     Credentials,
 )
 from facegrid.config import Settings
-from facegrid.errors import invalid_argument, not_found
+from facegrid.errors import internal, invalid_argument, not_found
 from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
 from facegrid.v1 import (
     common_pb2,
@@ -36,6 +36,7 @@ from facegrid.v1 import (
     resources_pb2,
     search_pb2,
 )
+from google.protobuf.message import Message
 
 from facegrid_gateway import validation
 from facegrid_gateway.accountability import AuditDraft, Gatekeeper, guarded
@@ -76,13 +77,16 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
 
     # ---------------------------------------------------------------- helpers
 
-    async def _search_call(
-        self, method_name: str, request: object, context: Context, **renames: str
-    ) -> object:
-        search = self._downstream.search
-        return await self._downstream.call(
-            getattr(search, method_name), request, context, "search", renames or None
+    async def _search_call(self, request: Message, context: Context, **renames: str) -> Any:
+        """SearchService.<Method> for a SearchService<Method>Request; its response."""
+        method = type(request).__name__.removeprefix("SearchService").removesuffix("Request")
+        response = await self._downstream.call(
+            getattr(self._downstream.search, method), request, context, "search", renames or None
         )
+        expected = getattr(S, f"SearchService{method}Response")
+        if not isinstance(response, expected):
+            raise internal(f"SearchService.{method} answered with {type(response).__name__}")
+        return response
 
     async def _threshold(
         self, context: Context, purpose: int, requested: float | None, field: str
@@ -95,10 +99,9 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
     async def _collection(
         self, name: str, context: Context, field: str
     ) -> resources_pb2.Collection:
-        response = await self._search_call(
-            "GetCollection", S.SearchServiceGetCollectionRequest(name=name), context, name=field
+        response: S.SearchServiceGetCollectionResponse = await self._search_call(
+            S.SearchServiceGetCollectionRequest(name=name), context, name=field
         )
-        assert isinstance(response, S.SearchServiceGetCollectionResponse)
         return response.collection
 
     # ---------------------------------------------------------------- detection
@@ -196,14 +199,12 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         )
         if given.HasField("face_retention"):
             collection.face_retention.CopyFrom(given.face_retention)
-        response = await self._search_call(
-            "CreateCollection",
+        response: S.SearchServiceCreateCollectionResponse = await self._search_call(
             S.SearchServiceCreateCollectionRequest(
                 collection_id=request.collection_id, collection=collection
             ),
             context,
         )
-        assert isinstance(response, S.SearchServiceCreateCollectionResponse)
         audit.model_version(model.version)
         return F.CreateCollectionResponse(collection=response.collection)
 
@@ -219,14 +220,12 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
     async def ListCollections(  # noqa: N802
         self, request: F.ListCollectionsRequest, context: Context, audit: AuditDraft
     ) -> F.ListCollectionsResponse:
-        response = await self._search_call(
-            "ListCollections",
+        response: S.SearchServiceListCollectionsResponse = await self._search_call(
             S.SearchServiceListCollectionsRequest(
                 page_size=request.page_size, page_token=request.page_token
             ),
             context,
         )
-        assert isinstance(response, S.SearchServiceListCollectionsResponse)
         return F.ListCollectionsResponse(
             collections=response.collections, next_page_token=response.next_page_token
         )
@@ -236,12 +235,10 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         self, request: F.DeleteCollectionRequest, context: Context, audit: AuditDraft
     ) -> F.DeleteCollectionResponse:
         audit.collection(request.name)
-        response = await self._search_call(
-            "DeleteCollection",
+        response: S.SearchServiceDeleteCollectionResponse = await self._search_call(
             S.SearchServiceDeleteCollectionRequest(name=request.name, force=request.force),
             context,
         )
-        assert isinstance(response, S.SearchServiceDeleteCollectionResponse)
         audit.results((), count=int(response.deleted_face_count))
         return F.DeleteCollectionResponse(deleted_face_count=response.deleted_face_count)
 
@@ -270,7 +267,6 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             subject = str(names.SubjectName(collection_id, subject_id))
             audit.target(subject)
             await self._search_call(
-                "GetSubject",
                 S.SearchServiceGetSubjectRequest(name=subject),
                 context,
                 name="subject_id",
@@ -311,12 +307,10 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             )
         stored: list[resources_pb2.Face] = []
         if faces:
-            response = await self._search_call(
-                "BatchUpsertFaces",
+            response: S.SearchServiceBatchUpsertFacesResponse = await self._search_call(
                 S.SearchServiceBatchUpsertFacesRequest(parent=request.parent, faces=faces),
                 context,
             )
-            assert isinstance(response, S.SearchServiceBatchUpsertFacesResponse)
             stored = list(response.faces)
         audit.model_version(model_version)
         audit.results(f.name for f in stored)
@@ -339,20 +333,17 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
     async def GetFace(  # noqa: N802
         self, request: F.GetFaceRequest, context: Context, audit: AuditDraft
     ) -> F.GetFaceResponse:
-        response = await self._search_call(
-            "GetFace",
+        response: S.SearchServiceGetFaceResponse = await self._search_call(
             S.SearchServiceGetFaceRequest(name=request.name, view=S.FACE_VIEW_BASIC),
             context,
         )
-        assert isinstance(response, S.SearchServiceGetFaceResponse)
         return F.GetFaceResponse(face=response.face)
 
     @guarded(SCOPE_READ, audited=False)
     async def ListFaces(  # noqa: N802
         self, request: F.ListFacesRequest, context: Context, audit: AuditDraft
     ) -> F.ListFacesResponse:
-        response = await self._search_call(
-            "ListFaces",
+        response: S.SearchServiceListFacesResponse = await self._search_call(
             S.SearchServiceListFacesRequest(
                 parent=request.parent,
                 page_size=request.page_size,
@@ -362,7 +353,6 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             ),
             context,
         )
-        assert isinstance(response, S.SearchServiceListFacesResponse)
         return F.ListFacesResponse(faces=response.faces, next_page_token=response.next_page_token)
 
     @guarded(SCOPE_DELETE, audited=True)
@@ -370,14 +360,12 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         self, request: F.BatchDeleteFacesRequest, context: Context, audit: AuditDraft
     ) -> F.BatchDeleteFacesResponse:
         audit.collection(request.parent)
-        response = await self._search_call(
-            "BatchDeleteFaces",
+        response: S.SearchServiceBatchDeleteFacesResponse = await self._search_call(
             S.SearchServiceBatchDeleteFacesRequest(
                 parent=request.parent, names=request.names, allow_missing=request.allow_missing
             ),
             context,
         )
-        assert isinstance(response, S.SearchServiceBatchDeleteFacesResponse)
         audit.results(response.deleted_faces)
         return F.BatchDeleteFacesResponse(deleted_faces=response.deleted_faces)
 
@@ -400,13 +388,11 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             "face_match_threshold",
         )
         audit.threshold(threshold)
-        found = await self._search_call(
-            "GetFace",
+        found: S.SearchServiceGetFaceResponse = await self._search_call(
             S.SearchServiceGetFaceRequest(name=request.face, view=S.FACE_VIEW_FULL),
             context,
             name="face",
         )
-        assert isinstance(found, S.SearchServiceGetFaceResponse)
         stored = found.face
         matches = await self._search(
             names.collection_name(face_name.collection),
@@ -437,8 +423,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         group_by_subject: bool = False,
     ) -> list[resources_pb2.FaceMatch]:
         query = common_pb2.Embedding(values=embedding.values)
-        response = await self._search_call(
-            "SearchFaces",
+        response: S.SearchServiceSearchFacesResponse = await self._search_call(
             S.SearchServiceSearchFacesRequest(
                 parent=parent,
                 queries=[query],
@@ -449,7 +434,6 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             ),
             context,
         )
-        assert isinstance(response, S.SearchServiceSearchFacesResponse)
         return list(response.results[0].matches)
 
     @guarded(SCOPE_SEARCH, audited=True)
@@ -504,38 +488,33 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         audit.collection(request.parent)
         audit.target(f"{request.parent}/subjects/{request.subject_id}")
         validation.metadata(request.subject.metadata, "subject.metadata")
-        response = await self._search_call(
-            "CreateSubject",
+        response: S.SearchServiceCreateSubjectResponse = await self._search_call(
             S.SearchServiceCreateSubjectRequest(
                 parent=request.parent, subject_id=request.subject_id, subject=request.subject
             ),
             context,
         )
-        assert isinstance(response, S.SearchServiceCreateSubjectResponse)
         return F.CreateSubjectResponse(subject=response.subject)
 
     @guarded(SCOPE_READ, audited=False)
     async def GetSubject(  # noqa: N802
         self, request: F.GetSubjectRequest, context: Context, audit: AuditDraft
     ) -> F.GetSubjectResponse:
-        response = await self._search_call(
-            "GetSubject", S.SearchServiceGetSubjectRequest(name=request.name), context
+        response: S.SearchServiceGetSubjectResponse = await self._search_call(
+            S.SearchServiceGetSubjectRequest(name=request.name), context
         )
-        assert isinstance(response, S.SearchServiceGetSubjectResponse)
         return F.GetSubjectResponse(subject=response.subject)
 
     @guarded(SCOPE_READ, audited=False)
     async def ListSubjects(  # noqa: N802
         self, request: F.ListSubjectsRequest, context: Context, audit: AuditDraft
     ) -> F.ListSubjectsResponse:
-        response = await self._search_call(
-            "ListSubjects",
+        response: S.SearchServiceListSubjectsResponse = await self._search_call(
             S.SearchServiceListSubjectsRequest(
                 parent=request.parent, page_size=request.page_size, page_token=request.page_token
             ),
             context,
         )
-        assert isinstance(response, S.SearchServiceListSubjectsResponse)
         return F.ListSubjectsResponse(
             subjects=response.subjects, next_page_token=response.next_page_token
         )
@@ -547,12 +526,10 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         audit.target(request.name)
         subject = names.parse_subject(request.name)
         audit.collection(names.collection_name(subject.collection))
-        response = await self._search_call(
-            "DeleteSubject",
+        response: S.SearchServiceDeleteSubjectResponse = await self._search_call(
             S.SearchServiceDeleteSubjectRequest(name=request.name, force=request.force),
             context,
         )
-        assert isinstance(response, S.SearchServiceDeleteSubjectResponse)
         audit.results((), count=int(response.deleted_face_count))
         return F.DeleteSubjectResponse(deleted_face_count=response.deleted_face_count)
 
@@ -583,9 +560,10 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         search_request = getattr(S, f"SearchService{method}Request")(
             subject=request.subject, faces=request.faces
         )
-        response = await self._search_call(method, search_request, context)
+        response = await self._search_call(search_request, context)
         audit.results(request.faces)
-        return response.subject  # type: ignore[attr-defined, no-any-return]
+        changed: resources_pb2.Subject = response.subject
+        return changed
 
     @guarded(SCOPE_SEARCH, audited=True)
     async def SearchSubjectsByImage(  # noqa: N802
@@ -621,7 +599,6 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         subjects = await asyncio.gather(
             *(
                 self._search_call(
-                    "GetSubject",
                     S.SearchServiceGetSubjectRequest(
                         name=str(names.SubjectName(collection_id, m.face.subject_id))
                     ),
@@ -632,7 +609,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         )
         subject_matches = [
             F.SubjectMatch(
-                subject=found.subject,  # type: ignore[attr-defined]
+                subject=found.subject,
                 similarity=match.similarity,
                 best_face_match=match,
                 threshold_applied=threshold.applied,
