@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import numpy as np
 from conftest import inference_overrides, start_service
 from facegrid.auth import ALL_SCOPES, bearer_metadata, create_token
 from facegrid.launcher import ServiceGroup
@@ -24,8 +25,9 @@ from facegrid.v1 import (
     face_service_pb2,
     face_service_pb2_grpc,
 )
-from grpc_helpers import is_serving, rpc_error
+from grpc_helpers import is_serving, jpeg_bytes, png_bytes, rpc_error
 from prometheus_client.parser import text_string_to_metric_families
+from skimage import data
 
 F = face_service_pb2
 LOAD_THREADS = 3
@@ -44,9 +46,7 @@ def _embed_calls(group: ServiceGroup, instance: str) -> float:
     )
 
 
-def test_rolling_restart_of_embedding_under_load(
-    model_repo: Path, faces: Path, tmp_path: Path
-) -> None:
+def test_rolling_restart_of_embedding_under_load(model_repo: Path, tmp_path: Path) -> None:
     credentials = tmp_path / "credentials.json"
     metadata = bearer_metadata(create_token(credentials, "load", ALL_SCOPES))
     group = ServiceGroup(
@@ -70,15 +70,14 @@ def test_rolling_restart_of_embedding_under_load(
             F.CreateCollectionRequest(collection_id="load"), timeout=60, metadata=metadata
         )
         api.IndexFaces(
-            F.IndexFacesRequest(
-                parent="collections/load", image=(faces / "misc" / "obama.jpg").read_bytes()
-            ),
+            F.IndexFacesRequest(parent="collections/load", image=png_bytes(data.astronaut())),
             timeout=60,
             metadata=metadata,
         )
         search = F.SearchFacesByImageRequest(
             parent="collections/load",
-            image=(faces / "knn" / "test" / "obama1.jpg").read_bytes(),
+            # Her mirror image: a search that finds her (scikit-image ships the photo).
+            image=jpeg_bytes(np.ascontiguousarray(data.astronaut()[:, ::-1])),
             context=common_pb2.IdentificationContext(
                 purpose=common_pb2.IdentificationContext.PURPOSE_TESTING, case_id="LOAD-1"
             ),
