@@ -119,7 +119,11 @@ class ServiceGroup:
         self.services: dict[str, RunningService] = {}
 
     def start(
-        self, name: str, port: int | None = None, instance: str | None = None
+        self,
+        name: str,
+        port: int | None = None,
+        instance: str | None = None,
+        metrics_port: int | None = None,
     ) -> RunningService:
         """Start one service (on its configured ports, or ``port``; 0: free ones).
 
@@ -127,11 +131,13 @@ class ServiceGroup:
         a gateway started afterwards balances over all instances of each service.
         """
         key = instance or name
-        metrics_port = getattr(self.settings, name).metrics_port
         if port == 0:
-            port, metrics_port = free_ports(2)
+            port, free_metrics_port = free_ports(2)
+            metrics_port = metrics_port or free_metrics_port
         if port is None:
             port = service_port(self.settings, name)
+        if metrics_port is None:
+            metrics_port = getattr(self.settings, name).metrics_port
         command = [sys.executable, "-m", "facegrid.cli", "serve", name, "--port", str(port)]
         overrides = [*self.overrides, f"{name}.metrics_port={metrics_port}"]
         if name == "gateway":
@@ -179,16 +185,12 @@ class ServiceGroup:
         service.process.wait(timeout=self.settings.server.grace_period_s + 10)
         if service.process.returncode != 0:
             raise RuntimeError(f"{name} exited with {service.process.returncode} on SIGTERM")
-        self.settings = load_settings(
-            [*self.overrides, f"{service.kind}.metrics_port={service.metrics_port}"]
-        )
-        restarted = self.start(
+        return self.start(
             service.kind,
             port=int(service.address.rsplit(":", 1)[1]),
             instance=name if name != service.kind else None,
+            metrics_port=service.metrics_port,
         )
-        self.settings = load_settings(self.overrides)
-        return restarted
 
     def exited(self) -> RunningService | None:
         """A service that has stopped on its own, if any."""

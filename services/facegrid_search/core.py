@@ -95,12 +95,12 @@ class SearchCore:
     async def _refresh_gauges(self) -> None:
         """Without a cache, counting costs a Milvus query: done every half minute."""
         while True:
-            for spec in await self.list_specs():
-                try:
+            try:
+                for spec in await self.list_specs():
                     faces = await self._milvus(self._store().count_faces, spec.collection_id)
-                except Exception:  # the next round will tell
-                    continue
-                GALLERY_FACES.labels(spec.collection_id).set(faces)
+                    GALLERY_FACES.labels(spec.collection_id).set(faces)
+            except Exception:  # Milvus away for a moment: the next round will tell
+                log.warning("could not count the gallery sizes", exc_info=True)
             await asyncio.sleep(GAUGE_REFRESH_S)
 
     async def _load(self, spec: CollectionSpec) -> Collection:
