@@ -24,25 +24,14 @@ $(BIN)/.installed: pyproject.toml requirements/constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[dev]'
 	touch $@
 
-# Triton's bundled server pins numpy<2: it gets an environment of its own.
-$(TRITON_VENV)/.installed: requirements/triton.txt
-	$(PYTHON) -m venv $(TRITON_VENV)
-	$(TRITON_VENV)/bin/pip install --quiet --disable-pip-version-check pip==25.3
-	$(TRITON_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/triton.txt
-	touch $@
-
-# A real Milvus 2.3 standalone server for the tests (the `milvus` PyPI package).
-$(MILVUS_VENV)/.installed: requirements/milvus.txt
-	$(PYTHON) -m venv $(MILVUS_VENV)
-	$(MILVUS_VENV)/bin/pip install --quiet --disable-pip-version-check pip==25.3
-	$(MILVUS_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/milvus.txt
-	touch $@
-
-# The face_recognition library, only for loadtest/bench_gateway.py's comparison.
-$(BENCH_VENV)/.installed: requirements/bench.txt
-	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check pip==25.3
-	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/bench.txt
+# Side environments, one per requirements/<name>.txt, installed without resolving
+# (every pin is in the file): .venv-triton (Triton's bundled server pins numpy<2),
+# .venv-milvus (a real Milvus 2.3 standalone server for the tests), .venv-bench (the
+# face_recognition library, only for loadtest/bench_gateway.py's comparison).
+.venv-%/.installed: requirements/%.txt
+	$(PYTHON) -m venv .venv-$*
+	.venv-$*/bin/pip install --quiet --disable-pip-version-check pip==25.3
+	.venv-$*/bin/pip install --quiet --disable-pip-version-check --no-deps -r $<
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
