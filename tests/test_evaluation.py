@@ -201,30 +201,28 @@ def test_identification_excludes_the_probes_own_capture() -> None:
 # ---------------------------------------------------------- real services
 
 
+def _local_service(
+    name: str, model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    service = start_service(
+        name, [f"inference.model_repository={model_repo}"], tmp_path_factory.mktemp(f"eval-{name}")
+    )
+    yield service
+    assert service.stop() == 0, service.log()
+
+
 @pytest.fixture(scope="module")
 def embedding(
     model_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServiceProcess]:
-    service = start_service(
-        "embedding",
-        [f"inference.model_repository={model_repo}"],
-        tmp_path_factory.mktemp("eval-embedding"),
-    )
-    yield service
-    assert service.stop() == 0, service.log()
+    yield from _local_service("embedding", model_repo, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def detection(
     model_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServiceProcess]:
-    service = start_service(
-        "detection",
-        [f"inference.model_repository={model_repo}"],
-        tmp_path_factory.mktemp("eval-detection"),
-    )
-    yield service
-    assert service.stop() == 0, service.log()
+    yield from _local_service("detection", model_repo, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
