@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 import skimage.data
-from conftest import ServiceProcess
+from conftest import ServiceProcess, start_service
 from facegrid.v1 import common_pb2, detection_pb2, detection_pb2_grpc
 from grpc_helpers import (
     DEADLINE_S,
@@ -152,6 +152,43 @@ def test_upsample_finds_small_faces(stub: detection_pb2_grpc.DetectionServiceStu
     assert abs(found[0].bounding_box.left - 84) <= 6
 
 
+def test_min_face_size_chooses_the_enlargement(
+    stub: detection_pb2_grpc.DetectionServiceStub,
+) -> None:
+    """Measured smallest boxes: 80 px as the detector sees the image, 40 after one
+    doubling, 21 after two. A 24-pixel face is found only when 20 is asked for."""
+    astronaut = skimage.data.astronaut()
+    tiny = np.full((512, 512, 3), 128, np.uint8)
+    tiny[:128, :128] = np.asarray(Image.fromarray(astronaut).resize((128, 128)))
+    native = detect(stub, png_bytes(tiny))
+    assert (native.upsample, native.min_face_size, len(native.faces)) == (0, 80, 0)
+    forty = detect(stub, png_bytes(tiny), min_face_size=40)
+    assert (forty.upsample, forty.min_face_size) == (1, 40)
+    twenty = detect(stub, png_bytes(tiny), min_face_size=20)
+    assert (twenty.upsample, twenty.min_face_size) == (2, 20)
+    assert len(twenty.faces) == 1
+    assert twenty.faces[0].bounding_box.width <= 30
+    assert detect(stub, png_bytes(tiny), min_face_size=90).upsample == 0
+
+
+def test_the_enlarged_image_stays_within_the_pixel_budget(model_repo: Path, tmp_path: Path) -> None:
+    service = start_service(
+        "detection",
+        [f"inference.model_repository={model_repo}", "detection.max_detection_pixels=1000000"],
+        tmp_path,
+    )
+    try:
+        with grpc.insecure_channel(service.address) as channel:
+            stub = detection_pb2_grpc.DetectionServiceStub(channel)
+            image = png_bytes(skimage.data.astronaut())  # 512x512: 4x is 4.2 MP
+            reply = detect(stub, image, min_face_size=20)
+            assert (reply.upsample, reply.min_face_size) == (0, 80)
+            small = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((400, 400)))
+            assert detect(stub, png_bytes(small), min_face_size=20).upsample == 1  # 2.6 MP
+    finally:
+        assert service.stop() == 0, service.log()
+
+
 @pytest.mark.parametrize(
     ("image", "reason"),
     [
@@ -194,6 +231,10 @@ def test_out_of_range_fields(stub: detection_pb2_grpc.DetectionServiceStub) -> N
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(field_violations(error)) == {"max_faces", "upsample"}
+    for fields in ({"min_face_size": 19}, {"min_face_size": 40, "upsample": 1}):
+        error = rpc_error(lambda f=fields: detect(stub, png_bytes(skimage.data.astronaut()), **f))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "min_face_size" in field_violations(error)
 
 
 def test_health_and_reflection(channel: grpc.Channel) -> None:

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 import skimage.data
-from conftest import ServiceProcess
+from conftest import ServiceProcess, start_service
 from facegrid.models.weights import embedder_weights, landmarks_weights
 from facegrid.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 from grpc_helpers import DEADLINE_S, field_violations, is_serving, reflected_services, rpc_error
@@ -60,8 +60,12 @@ def chip_message(chip: NDArray[np.uint8]) -> common_pb2.Chip:
 
 
 def dlib_unit_descriptor(chip: NDArray[np.uint8]) -> NDArray[np.float64]:
+    """What the service serves by default (embedding.mirror_average): dlib's descriptors
+    of the chip and of its mirror image, summed and normalised."""
     model = dlib.face_recognition_model_v1(str(embedder_weights()))
     raw = np.asarray(model.compute_face_descriptor(chip), np.float64)
+    mirrored = np.ascontiguousarray(chip[:, ::-1])
+    raw = raw + np.asarray(model.compute_face_descriptor(mirrored), np.float64)
     return raw / np.linalg.norm(raw)
 
 
@@ -72,7 +76,7 @@ def test_embeddings_match_dlib_and_are_unit_length(
         Request(chips=[chip_message(c) for c in reference_chips]), timeout=DEADLINE_S
     )
     assert reply.dimension == 128
-    assert reply.model_version == "dlib_resnet_v1"
+    assert reply.model_version == "dlib_resnet_v1+mirror"
     assert len(reply.embeddings) == len(reference_chips)
     for chip, embedding in zip(reference_chips, reply.embeddings, strict=True):
         values = np.asarray(embedding.values, np.float64)
@@ -101,6 +105,31 @@ def test_model_info(stub: embedding_pb2_grpc.EmbeddingServiceStub, backend: str)
     info = stub.GetModelInfo(embedding_pb2.EmbeddingServiceGetModelInfoRequest(), timeout=5)
     assert (info.dimension, info.chip_width, info.chip_height) == (128, 150, 150)
     assert info.backend == ("onnxruntime" if backend == "local" else "triton")
+    assert info.model_version == "dlib_resnet_v1+mirror"
+    assert info.similarity_calibration.impostor_pair_count > 0
+
+
+def test_without_mirror_averaging_the_plain_descriptor_is_served(
+    model_repo: Path, reference_chips: list[NDArray[np.uint8]], tmp_path: Path
+) -> None:
+    service = start_service(
+        "embedding",
+        [f"inference.model_repository={model_repo}", "embedding.mirror_average=false"],
+        tmp_path,
+    )
+    try:
+        with grpc.insecure_channel(service.address) as channel:
+            reply = embedding_pb2_grpc.EmbeddingServiceStub(channel).EmbedChips(
+                Request(chips=[chip_message(reference_chips[0])]), timeout=DEADLINE_S
+            )
+    finally:
+        assert service.stop() == 0, service.log()
+    assert reply.model_version == "dlib_resnet_v1"
+    model = dlib.face_recognition_model_v1(str(embedder_weights()))
+    raw = np.asarray(model.compute_face_descriptor(reference_chips[0]), np.float64)
+    values = np.asarray(reply.embeddings[0].values)
+    assert np.abs(values - raw / np.linalg.norm(raw)).max() <= 1e-5
+    assert reply.embeddings[0].raw_norm == pytest.approx(np.linalg.norm(raw), rel=1e-4)
 
 
 @pytest.mark.parametrize(

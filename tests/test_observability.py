@@ -395,7 +395,8 @@ def test_metrics_count_what_was_sent(
         assert got == change, (process, metric, method, code)
     latency = "facegrid_rpc_duration_seconds_count"
     assert delta("gateway", latency, service="gateway", method=gateway) == 5
-    # Inference: one call per image for the detector, one chip per call for the embedder.
+    # Inference: one call per image for the detector; the embedder sees each chip twice,
+    # as it is and mirrored (embedding.mirror_average).
     assert (
         delta(
             "detection",
@@ -412,7 +413,7 @@ def test_metrics_count_what_was_sent(
             model="face_embedder",
             backend="triton",
         )
-        == 3
+        == 6
     )
     assert _value(after["search"], "facegrid_gallery_faces", collection="metrics") == len(
         indexed.face_records

@@ -95,6 +95,14 @@ class DetectionSettings(Section):
     workers: int = Field(
         2, gt=0, description="Threads doing CPU work (decoding, pyramid, landmarks, chips)."
     )
+    max_detection_pixels: int = Field(
+        16_000_000,
+        gt=0,
+        description="Largest image, in pixels after enlarging, that the detector runs on: a "
+        "request for small faces (min_face_size 40 or 20) enlarges the image 2 or 4 times, "
+        "and is enlarged less where that would pass this (16 MP: a 1024x683 photo at 4x "
+        "is 11 MP, about 6 s on 2 cores).",
+    )
 
 
 class EmbeddingSettings(Section):
@@ -116,6 +124,13 @@ class EmbeddingSettings(Section):
         description="Bound of the batching queue; beyond it calls get RESOURCE_EXHAUSTED.",
     )
     max_chips_per_request: int = Field(256, gt=0, description="Most chips in one EmbedChips call.")
+    mirror_average: bool = Field(
+        True,
+        description="Embed each chip and its mirror image and average the two (model "
+        "version <model>+mirror): TAR at FMR 1e-4 on lfw-dev 84.4% instead of 79.4%, for "
+        "twice the model time. Collections hold one model version: turn it off only to keep "
+        "searching collections enrolled without it.",
+    )
     max_concurrent_rpcs: int = Field(
         64, gt=0, description="Calls served at once; more get RESOURCE_EXHAUSTED."
     )

@@ -14,12 +14,15 @@ from facegrid.v1 import common_pb2, detection_pb2, detection_pb2_grpc
 from facegrid_detection.analysis import Landmark
 from facegrid_detection.pipeline import (
     DEFAULT_MIN_CONFIDENCE,
+    MAX_UPSAMPLE,
     DetectedFace,
     DetectionPipeline,
 )
 
 MAX_FACES_LIMIT = 100
-MAX_UPSAMPLE = 2
+# The detector finds faces of about 21 pixels at its largest enlargement.
+MIN_FACE_SIZE = 20
+MAX_FACE_SIZE = 100_000
 
 _LANDMARK_TYPES = {
     Landmark.LEFT_EYE_OUTER: common_pb2.Landmark.TYPE_LEFT_EYE_OUTER_CORNER,
@@ -40,25 +43,29 @@ class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):  # type: i
         request: detection_pb2.DetectionServiceDetectFacesRequest,
         context: grpc.aio.ServicerContext,
     ) -> detection_pb2.DetectionServiceDetectFacesResponse:
-        max_faces, min_confidence, upsample = _validate(request)
+        max_faces, min_confidence = _validate(request)
         with telemetry.span("detection.decode", image_bytes=len(request.image)):
             image = decode_image(request.image, self._settings.images)
         telemetry.annotate(image_width=image.width, image_height=image.height)
-        faces = await self._pipeline.detect(image.pixels, max_faces, min_confidence, upsample)
-        telemetry.annotate(face_count=len(faces))
+        found = await self._pipeline.detect(
+            image.pixels, max_faces, min_confidence, request.upsample, request.min_face_size
+        )
+        telemetry.annotate(face_count=len(found.faces), upsample=found.upsample)
         return detection_pb2.DetectionServiceDetectFacesResponse(
             faces=[
                 face_detail(face, image.width, image.height, request.include_chips)
-                for face in faces
+                for face in found.faces
             ],
             image_width=image.width,
             image_height=image.height,
             orientation=image.orientation,
             model_version=await self._pipeline.model_version(),
+            min_face_size=found.min_face_size,
+            upsample=found.upsample,
         )
 
 
-def _validate(request: detection_pb2.DetectionServiceDetectFacesRequest) -> tuple[int, float, int]:
+def _validate(request: detection_pb2.DetectionServiceDetectFacesRequest) -> tuple[int, float]:
     violations = []
     max_faces = request.max_faces or MAX_FACES_LIMIT
     if not 1 <= max_faces <= MAX_FACES_LIMIT:
@@ -70,9 +77,18 @@ def _validate(request: detection_pb2.DetectionServiceDetectFacesRequest) -> tupl
         violations.append(("min_confidence", f"must be 0 to 100, got {min_confidence}"))
     if not 0 <= request.upsample <= MAX_UPSAMPLE:
         violations.append(("upsample", f"must be 0 to {MAX_UPSAMPLE}, got {request.upsample}"))
+    if request.min_face_size and not MIN_FACE_SIZE <= request.min_face_size <= MAX_FACE_SIZE:
+        violations.append(
+            (
+                "min_face_size",
+                f"must be {MIN_FACE_SIZE} to {MAX_FACE_SIZE} pixels, got {request.min_face_size}",
+            )
+        )
+    if request.min_face_size and request.upsample:
+        violations.append(("min_face_size", "set either upsample or min_face_size, not both"))
     if violations:
         raise invalid_arguments(violations)
-    return max_faces, min_confidence, request.upsample
+    return max_faces, min_confidence
 
 
 def face_detail(

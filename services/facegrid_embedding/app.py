@@ -9,6 +9,7 @@ from facegrid.config import Settings
 from facegrid.errors import invalid_argument, invalid_arguments
 from facegrid.inference import InferenceBackend, create_backend
 from facegrid.metrics import QUEUE_DEPTH
+from facegrid.models.repository import EMBEDDER_SPEC
 from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
 from facegrid.similarity import load_calibration
 from facegrid.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
@@ -22,20 +23,49 @@ DIMENSION = 128
 MODEL_NAME = "dlib_face_recognition_resnet_model_v1"
 
 
+# Model versions of the mirrored-chip average carry this suffix: their embeddings differ.
+MIRROR_SUFFIX = "+mirror"
+
+
 class Embedder:
-    """The embedding model behind a micro-batcher; results are L2-normalised."""
+    """The embedding model behind a micro-batcher; results are L2-normalised.
+
+    With ``embedding.mirror_average`` (the default), each chip is embedded twice, as it
+    is and mirrored left to right, and the two raw descriptors are summed before
+    normalising. Measured on ../shared/data/lfw-dev, it raises the true accept rate at
+    a false match rate of 1e-4 from 79.4% to 84.4% for twice the model time (README).
+    """
 
     def __init__(self, settings: Settings, backend: InferenceBackend) -> None:
         self._backend = backend
         self._model = settings.inference.embedder_model
+        self._mirror = settings.embedding.mirror_average
         cfg = settings.embedding
         self.batcher = MicroBatcher(
             self._run_batch, cfg.max_batch, cfg.max_batch_delay_ms / 1000.0, cfg.max_queued_chips
         )
 
     async def _run_batch(self, chips: NDArray[np.uint8]) -> NDArray[np.float32]:
-        outputs = await self._backend.infer(self._model, {"chips": chips}, ["descriptors"])
-        return np.asarray(outputs["descriptors"], dtype=np.float32)
+        if not self._mirror:
+            return await self._infer(chips)
+        both = np.concatenate([chips, chips[:, :, ::-1, :]])
+        raw = await self._infer(both)
+        return raw[: len(chips)] + raw[len(chips) :]
+
+    async def _infer(self, chips: NDArray[np.uint8]) -> NDArray[np.float32]:
+        parts = []
+        for start in range(0, len(chips), EMBEDDER_SPEC.max_batch_size):
+            outputs = await self._backend.infer(
+                self._model,
+                {
+                    "chips": np.ascontiguousarray(
+                        chips[start : start + EMBEDDER_SPEC.max_batch_size]
+                    )
+                },
+                ["descriptors"],
+            )
+            parts.append(np.asarray(outputs["descriptors"], dtype=np.float32))
+        return np.concatenate(parts)
 
     async def embed(
         self, chips: NDArray[np.uint8]
@@ -46,7 +76,8 @@ class Embedder:
         return raw / np.maximum(norms, 1e-12)[:, None], norms
 
     async def model_version(self) -> str:
-        return await self._backend.model_version(self._model)
+        version = await self._backend.model_version(self._model)
+        return version + MIRROR_SUFFIX if self._mirror else version
 
 
 def chips_from_request(
