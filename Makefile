@@ -21,7 +21,7 @@ all: venv protos models
 $(BIN)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check pip==25.3
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[dev,eval]'
 	touch $@
 
 # Side environments, one per requirements/<name>.txt, installed without resolving

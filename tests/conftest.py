@@ -20,11 +20,12 @@ from facegrid.triton_server import TritonInstall, TritonServer
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRITON_VENV = PROJECT_ROOT / ".venv-triton"
 FACES_ENV = "FACEGRID_TEST_FACES"
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
 
 def faces_dir() -> Path | None:
     """../shared/data/faces beside the project (or $FACEGRID_TEST_FACES), if present."""
-    path = Path(os.environ.get(FACES_ENV, PROJECT_ROOT.parent / "shared" / "data" / "faces"))
+    path = Path(os.environ.get(FACES_ENV, SHARED_DATA / "faces"))
     return path if path.is_dir() else None
 
 
@@ -34,6 +35,25 @@ def faces() -> Path:
     if path is None:
         pytest.skip(f"test photographs not found (../shared/data/faces or ${FACES_ENV})")
     return path
+
+
+def _shared(folder: str, what: str) -> Path:
+    path = SHARED_DATA / folder
+    if not path.is_dir():
+        pytest.skip(f"{what} not found: ../shared/data/{folder} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lfw_dev() -> Path:
+    """Half of Labeled Faces in the Wild (../shared/data/lfw-dev), if present."""
+    return _shared("lfw-dev", "LFW's development half")
+
+
+@pytest.fixture(scope="session")
+def crowds() -> Path:
+    """Annotated crowd photos (../shared/data/crowds), if present."""
+    return _shared("crowds", "the annotated crowd photos")
 
 
 @pytest.fixture(scope="session")

@@ -237,13 +237,15 @@ class GatewaySettings(Section):
         le=100,
         description="The administrator's minimum match threshold (0-100) for every "
         "identification call; callers may ask for more, never less. Unset: the "
-        "calibration's default threshold (80), where the calibration put the cosine "
-        "midway between the highest impostor pair and the lowest genuine pair above it.",
+        "calibration's default, 80, the lowest similarity whose measured false match rate "
+        "has an upper 95% bound of at most 1e-4 (see the README's threshold table).",
     )
     purpose_min_similarity: dict[str, float] = Field(
         default_factory=dict,
-        description='Stricter minimums per purpose, e.g. {"PURPOSE_TESTING": 90}; the '
-        "larger of this and min_similarity applies.",
+        description='Minimums per purpose, e.g. {"PURPOSE_TESTING": 90}; the larger of '
+        "this and min_similarity applies. A purpose not named here keeps the calibration's "
+        "default: 90 for PURPOSE_WATCHLIST_MONITORING (FMR at most 1e-5), where every "
+        "passer-by is compared.",
     )
     auto_quality: AutoQuality = Field(
         AutoQuality.LOW, description="The level QUALITY_FILTER_AUTO stands for."
@@ -274,6 +276,22 @@ class GatewaySettings(Section):
             max_roll=15,
         ),
         description="QUALITY_FILTER_HIGH thresholds.",
+    )
+    probe_quality: QualityLevel = Field(
+        default_factory=lambda: QualityLevel(
+            min_confidence=50,
+            min_face_size=40,
+            min_sharpness=5,
+            min_brightness=10,
+            max_brightness=95,
+            max_yaw=60,
+            max_roll=45,
+        ),
+        description="The least a face must meet to be searched with (SearchFacesByImage, "
+        "SearchSubjectsByImage, the source of CompareFaces), whatever quality_filter the "
+        "caller asks for (QUALITY_FILTER_NONE included): a probe too small, blurred, dark "
+        "or turned away is refused with FACE_QUALITY naming the measure. What these "
+        "limits cost in true accepts on LFW is in the README.",
     )
     downstream_timeout_s: float = Field(
         30.0, gt=0, description="Deadline of one call to detection, embedding or search."

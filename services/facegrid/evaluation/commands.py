@@ -1,6 +1,6 @@
-"""``facegrid eval`` and ``facegrid calibrate``: measure the served models on labelled photos.
+"""``facegrid eval``, ``facegrid calibrate`` and ``facegrid eval-detection``.
 
-Both use running services given by ``--detection``/``--embedding``, or start their own
+They use running services given by ``--detection``/``--embedding``, or start their own
 (with the ``--set`` overrides) and stop them afterwards.
 """
 
@@ -15,13 +15,13 @@ from typing import Any
 
 from rich.console import Console
 
-from facegrid.config import add_overrides_argument
-from facegrid.evaluation import calibrate, evaluate, labels, report
-from facegrid.evaluation.faces import FaceSet, face_client
+from facegrid.config import add_overrides_argument, load_settings
+from facegrid.evaluation import calibrate, det, detection_eval, evaluate, labels, protocol, report
+from facegrid.evaluation.faces import DEFAULT_CACHE_DIR, FaceSet, face_client
 from facegrid.evaluation.labels import LabelError, LabelSet
 from facegrid.similarity import CalibrationRecord, load_calibration
 
-DEFAULT_FAR = 0.01
+DEFAULT_FARS = (1e-3, 1e-4, 1e-5)
 
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:
@@ -29,9 +29,10 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     run = commands.add_parser(
         "eval",
         help="verification and identification figures on a folder of labelled photos",
-        description="Verification (ROC AUC, accuracy at the match threshold, TAR at a FAR) "
-        "and identification (rank-1 of each probe face against the gallery) on labelled "
-        "photos. Labels: --labels, else FOLDER/labels.toml, else seeds/eval/<folder "
+        description="Verification (ROC AUC, TAR at FARs, FMR and FNMR with 95%% intervals at "
+        "the default thresholds, a DET curve) and identification (rank-1 and open-set, "
+        "each probe face against the gallery) on labelled photos, and with --pairs LFW's "
+        "10-fold protocol. Labels: --labels, else FOLDER/labels.toml, else seeds/eval/<folder "
         "name>.toml, else FOLDER's train/<person>/ (gallery) and test/<person>/ (probes), "
         "else FOLDER/<person>/ (each face searched against the others).",
     )
@@ -44,8 +45,22 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         "--threshold", type=float, help="match threshold, 0-100 (default: the calibration's)"
     )
     run.add_argument(
-        "--far", type=float, default=DEFAULT_FAR, help="FAR for TAR@FAR (default 0.01)"
+        "--far",
+        type=float,
+        action="append",
+        help="FAR for TAR@FAR, repeatable (default: 1e-3, 1e-4 and 1e-5)",
     )
+    run.add_argument(
+        "--pairs",
+        type=Path,
+        help="a pairs file in LFW's pairs.txt format: run the 10-fold protocol on it",
+    )
+    run.add_argument(
+        "--det",
+        type=Path,
+        help="where to write the DET curve (PNG; default var/eval/det-<folder>.png)",
+    )
+    run.add_argument("--no-det", action="store_true", help="do not draw the DET curve")
     run.add_argument(
         "--strict",
         action="store_true",
@@ -58,7 +73,9 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         "calibrate",
         help="measure the cosine -> similarity calibration on labelled photos",
         description="Measure genuine and impostor cosine similarities on labelled photos "
-        "and write the calibration table (see facegrid.similarity for its design).",
+        "and write the calibration table: similarity anchored on measured false match "
+        "rates, with FMR and FNMR and their 95%% intervals at every whole similarity (see "
+        "facegrid.similarity for its design).",
     )
     cal.add_argument("--faces", type=Path, required=True, help="folder of labelled photos")
     _common_arguments(cal)
@@ -69,12 +86,20 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         help="measurement date for the description (default: today)",
     )
     cal.set_defaults(handler=calibrate_command)
+    detection_eval.register(commands, lambda parser: _service_arguments(parser, False))
+
+
+def _service_arguments(parser: argparse.ArgumentParser, embedding: bool = True) -> None:
+    parser.add_argument("--detection", metavar="ADDR", help="running detection service")
+    if embedding:
+        parser.add_argument("--embedding", metavar="ADDR", help="running embedding service")
+    add_overrides_argument(
+        parser, "setting for services started here, e.g. inference.model_repository=PATH"
+    )
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", type=Path, help="TOML label manifest (see seeds/eval/)")
-    parser.add_argument("--detection", metavar="ADDR", help="running detection service")
-    parser.add_argument("--embedding", metavar="ADDR", help="running embedding service")
     parser.add_argument(
         "--upsample",
         type=int,
@@ -82,9 +107,25 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[0, 1, 2],
         help="detector upsampling where the labels do not set it (default 0)",
     )
-    add_overrides_argument(
-        parser, "setting for services started here, e.g. inference.model_repository=PATH"
+    parser.add_argument(
+        "--face",
+        choices=("central", "largest"),
+        default="central",
+        help="which face of a <person>/ folder photo is the labelled one: the one nearest "
+        "the centre (the default; LFW's convention: its photos are centred on the labelled "
+        "person) or the largest (as SearchFacesByImage picks its probe; in 102 of lfw-dev's "
+        "6,922 photos that is a bystander)",
     )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=DEFAULT_CACHE_DIR,
+        help=f"folder of the embedding cache (default {DEFAULT_CACHE_DIR})",
+    )
+    parser.add_argument(
+        "--no-cache", action="store_true", help="measure every photo again; keep nothing"
+    )
+    _service_arguments(parser)
 
 
 def _console() -> Console:
@@ -93,8 +134,11 @@ def _console() -> Console:
 
 def embed_labelled(args: argparse.Namespace, folder: Path) -> tuple[LabelSet, FaceSet]:
     label_set = labels.discover(folder, args.labels)
+    cache = None if args.no_cache else args.cache
     with face_client(args.detection, args.embedding, list(args.overrides)) as client:
-        return label_set, client.embed_set(label_set, args.upsample)
+        return label_set, client.embed_set(
+            label_set, args.upsample, cache_dir=cache, central=args.face == "central"
+        )
 
 
 # ------------------------------------------------------------------------ eval
@@ -103,25 +147,70 @@ def embed_labelled(args: argparse.Namespace, folder: Path) -> tuple[LabelSet, Fa
 def eval_command(args: argparse.Namespace) -> int:
     console = _console()
     try:
+        pairs = protocol.read_pairs(args.pairs) if args.pairs is not None else None
         label_set, faces = embed_labelled(args, args.folder)
         record = (
             CalibrationRecord.from_json(args.calibration.read_text(encoding="utf-8"))
             if args.calibration
             else load_calibration(faces.embedding_version)
         )
-    except (LabelError, RuntimeError, OSError) as exc:
+    except (LabelError, RuntimeError, OSError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     calibration = record.calibration if record is not None else None
     threshold = args.threshold if args.threshold is not None else math.nan
     if record is not None and args.threshold is None:
         threshold = record.default_threshold
-    result = evaluate.evaluate(faces, calibration, threshold, args.far)
-    report.print_evaluation(console, label_set, result, record)
+    thresholds = _reported_thresholds(record, threshold)
+    result = evaluate.evaluate(faces, calibration, threshold, args.far or DEFAULT_FARS)
+    report.print_evaluation(console, label_set, result, record, thresholds)
+    if calibration is not None and not math.isnan(threshold):
+        level = load_settings(list(args.overrides)).gateway.probe_quality
+        cost = evaluate.quality_cost(
+            faces, result.verification.pairs, calibration.cosine_at(threshold), level
+        )
+        report.print_quality_cost(console, cost, threshold)
+    if pairs is not None:
+        report.print_folds(console, protocol.ten_fold(faces, pairs), str(args.pairs))
+    if not args.no_det and len(result.verification.pairs.impostor):
+        path = args.det or Path("var/eval") / f"det-{args.folder.resolve().name}.png"
+        try:
+            det.write_det(
+                path,
+                result.verification.pairs,
+                calibration,
+                [t for _, t in thresholds],
+                f"DET: {args.folder.name}, {faces.embedding_version}",
+            )
+        except RuntimeError as exc:
+            console.print(f"[yellow]no DET curve:[/yellow] {exc}")
+        else:
+            console.print(f"DET curve written to {path}")
     if args.strict:
         wrong = [p for p in result.probes if not p.correct(threshold)]
         return 1 if wrong or not result.probes else 0
     return 0
+
+
+def _reported_thresholds(
+    record: CalibrationRecord | None, threshold: float
+) -> list[tuple[str, float]]:
+    """The threshold used, and the calibration's defaults beside it."""
+    if math.isnan(threshold):
+        return []
+    named = [
+        (
+            "this run" if record is None or threshold != record.default_threshold else "default",
+            threshold,
+        )
+    ]
+    if record is not None:
+        if threshold != record.default_threshold:
+            named.append(("default", record.default_threshold))
+        for purpose, value in record.purpose_thresholds.items():
+            name = purpose.removeprefix("PURPOSE_").lower().replace("_", " ") + " default"
+            named.append((name, value))
+    return named
 
 
 # ------------------------------------------------------------------- calibrate
@@ -134,6 +223,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
         command += f" --labels {args.labels}"
     if args.upsample:
         command += f" --upsample {args.upsample}"
+    command += f" --face {args.face}"
+    command += "".join(f" --set {o}" for o in args.overrides if not o.startswith("inference."))
     if args.out is not None:
         command += f" --out {args.out}"
     try:

@@ -25,6 +25,7 @@ from facegrid.evaluation.faces import Face
 from facegrid.evaluation.labels import LabelError
 
 SAME_CAPTURE_COSINE = 0.999
+BLOCK_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,13 @@ def group_captures(faces: Sequence[Face], embeddings: NDArray[np.float64]) -> Ca
     for i, face in enumerate(faces):
         for key in (("source", face.source), ("file", face.file_sha256, str(face.box))):
             union(i, first_of.setdefault(key, i))
-    if len(faces):
-        cosines = embeddings @ embeddings.T
-        for i, j in zip(*np.nonzero(np.triu(cosines >= SAME_CAPTURE_COSINE, k=1)), strict=True):
-            union(int(i), int(j))
+    vectors = np.asarray(embeddings, np.float32)
+    for start in range(0, len(faces), BLOCK_ROWS):  # blocks: memory stays bounded
+        block = vectors[start : start + BLOCK_ROWS] @ vectors.T
+        rows, cols = np.nonzero(block >= SAME_CAPTURE_COSINE)
+        for row, col in zip(rows + start, cols, strict=True):
+            if col > row:
+                union(int(row), int(col))
     roots = [find(i) for i in range(len(faces))]
     numbering: dict[int, int] = {}
     ids = np.array([numbering.setdefault(r, len(numbering)) for r in roots], np.intp)

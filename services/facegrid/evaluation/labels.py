@@ -2,8 +2,12 @@
 
 Two ways to label photos, usable together:
 
-* a folder of ``<person>/`` subfolders: each photo shows that person, and the largest
-  face found is the labelled one (other faces in it are ignored);
+* a folder of ``<person>/`` subfolders: each photo shows that person, and one face
+  found in it is the labelled one (other faces in it are ignored): by default the one
+  nearest the photo's centre, which is how LFW defines its labels (its photos are
+  centred on the labelled person; in 102 of lfw-dev's 6,922 a bystander's face is the
+  larger), or with ``--face largest`` the largest, as SearchFacesByImage picks its
+  probe;
 * a TOML label manifest, for photos with several faces. Faces are labelled left to
   right by the centre of their box, and every face the detector finds must be
   labelled, so that labels cannot silently shift onto the wrong face::
@@ -64,7 +68,7 @@ class LabelledPhoto:
     role: Role
     sources: tuple[str, ...]  # one per face
     upsample: int | None = None
-    largest_only: bool = False  # folder photos: only the largest face is labelled
+    single_face: bool = False  # folder photos: one face (largest or central) is labelled
 
     @property
     def people(self) -> set[str]:
@@ -135,7 +139,7 @@ def person_folder(root: Path, folder: str, role: Role) -> list[LabelledPhoto]:
             if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
                 path = file.relative_to(root).as_posix()
                 photos.append(
-                    LabelledPhoto(path, (person_dir.name,), role, (path,), largest_only=True)
+                    LabelledPhoto(path, (person_dir.name,), role, (path,), single_face=True)
                 )
     if not photos:
         raise LabelError(f"no photos in person folders under {base}")
