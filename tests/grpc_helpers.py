@@ -51,15 +51,20 @@ def field_violations(error: grpc.RpcError) -> dict[str, str]:
     return violations
 
 
-def error_reason(error: grpc.RpcError) -> str:
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    """The google.rpc.ErrorInfo of a status (empty if it has none)."""
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     assert status is not None
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            return str(info.reason)
-    return ""
+            return info
+    return error_details_pb2.ErrorInfo()
+
+
+def error_reason(error: grpc.RpcError) -> str:
+    return str(error_info(error).reason)
 
 
 def is_serving(channel: grpc.Channel, service: str = "") -> bool:

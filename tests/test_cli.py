@@ -141,6 +141,26 @@ def test_collections_create_list_get_delete(cli: Cli) -> None:
     assert err.startswith("error: NOT_FOUND")
 
 
+def test_collections_minimum_threshold(cli: Cli) -> None:
+    out = cli.ok("collections", "create", "cli-strict", "--min-threshold", "85")
+    assert ["minimum threshold", "85"] in rows(out)
+    out = cli.ok(
+        "collections", "update", "cli-strict", "--min-threshold", "91", "--description", "d"
+    )
+    assert ["minimum threshold", "91"] in rows(out)
+    assert ["description", "d"] in rows(out)
+    out = cli.ok("collections", "update", "cli-strict", "--clear-min-threshold")
+    assert ["minimum threshold", "the deployment's"] in rows(out)
+    code, _, err = cli("collections", "update", "cli-strict", "--min-threshold", "50")
+    assert code == 1
+    assert err.startswith("error: INVALID_ARGUMENT")
+    assert "below the deployment's minimum" in err
+    code, _, err = cli("collections", "update", "cli-strict")
+    assert code != 0
+    assert "nothing to change" in err
+    cli.ok("collections", "delete", "cli-strict")
+
+
 def test_errors_and_scopes(cli: Cli, gateway_stack: Stack, tmp_path: Path) -> None:
     code, _, err = cli("collections", "list", token="not-a-token")
     assert (code, err.startswith("error: UNAUTHENTICATED")) == (1, True)
@@ -177,14 +197,16 @@ def test_enrol_search_compare_delete(cli: Cli, faces: Path) -> None:
     out = cli.ok("search", probe, "--collection", "cli-gallery", *CONTEXT)
     first = rows(out)[0]
     assert first[0] == "1"
-    assert first[3] == "obama", out
+    assert first[4] == "obama", out
+    assert 0 < float(first[2]) <= 1e-4, out  # the FMR measured at the candidate's similarity
     assert re.search(r"threshold: applied [\d.]+ \(none requested, administrator's minimum", out)
+    assert re.search(r"9 faces compared: expect about [\d.e-]+ false candidates", out)
     assert re.search(r"audit record: auditRecords/\S+", out)
     assert "model: " in out
     assert NOTICE in out
 
     out = cli.ok("search", probe, "--collection", "cli-gallery", "--subjects", *CONTEXT)
-    assert rows(out)[0][2] == "obama", out
+    assert rows(out)[0][3] == "obama", out
     assert NOTICE in out
 
     out = cli.ok(
@@ -254,7 +276,7 @@ def test_seed_the_demo_manifest_twice(cli: Cli) -> None:
         "--subjects",
         *CONTEXT,
     )
-    assert rows(out)[0][2:4] == ["eileen-collins", "Eileen Collins"]
+    assert rows(out)[0][3:5] == ["eileen-collins", "Eileen Collins"]
 
 
 def test_audit_verify(cli: Cli) -> None:

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import Stack
 from facegrid.audit_chain import verify_chain
-from facegrid.v1 import common_pb2, face_service_pb2, face_service_pb2_grpc
-from google.protobuf import struct_pb2
-from grpc_helpers import error_reason, field_violations, jpeg_bytes, rpc_error
+from facegrid.v1 import common_pb2, face_service_pb2, face_service_pb2_grpc, resources_pb2
+from google.protobuf import field_mask_pb2, struct_pb2
+from grpc_helpers import error_info, error_reason, field_violations, jpeg_bytes, rpc_error
 
 F = face_service_pb2
 Purpose = common_pb2.IdentificationContext.Purpose
@@ -134,6 +134,42 @@ def test_detect_faces_largest_first(api: Client, faces: Path) -> None:
     assert len(api.DetectFaces(F.DetectFacesRequest(image=NO_FACE_JPEG)).faces) == 0
 
 
+def test_small_faces_are_found_when_asked_for(api: Client, crowds: Path) -> None:
+    """dlib's 2008_002470.jpg: six faces 37-52 pixels wide, under the detector's own 80."""
+    image = (crowds / "dlib" / "2008_002470.jpg").read_bytes()
+    native = api.DetectFaces(F.DetectFacesRequest(image=image))
+    assert native.min_face_size == 80
+    assert len(native.faces) <= 1
+    small = api.DetectFaces(F.DetectFacesRequest(image=image, min_face_size=20))
+    assert small.min_face_size <= 21
+    assert len(small.faces) == 6
+    error = rpc_error(lambda: api.DetectFaces(F.DetectFacesRequest(image=image, min_face_size=5)))
+    assert "min_face_size" in field_violations(error)
+    api.CreateCollection(F.CreateCollectionRequest(collection_id="crowd"))
+    # The same photo at half size: six faces of about 21 pixels, found only at 20.
+    half = _resized(image, 0.5)
+    indexed = api.IndexFaces(
+        F.IndexFacesRequest(
+            parent="collections/crowd",
+            image=half,
+            min_face_size=20,
+            quality_filter=common_pb2.QUALITY_FILTER_NONE,
+        )
+    )
+    assert indexed.min_face_size <= 21
+    assert len(indexed.face_records) == 6
+    # The default filter refuses faces under 40 px (unreliable embeddings), saying why.
+    filtered = api.IndexFaces(
+        F.IndexFacesRequest(parent="collections/crowd", image=half, min_face_size=20)
+    )
+    assert not filtered.face_records
+    assert len(filtered.unindexed_faces) == 6
+    assert all(
+        Reason.UNINDEXED_REASON_SMALL_BOUNDING_BOX in u.reasons for u in filtered.unindexed_faces
+    )
+    api.DeleteCollection(F.DeleteCollectionRequest(name="collections/crowd", force=True))
+
+
 def test_bad_image_is_invalid_argument_and_the_gateway_stays_up(api: Client) -> None:
     for image in (b"", b"not an image", NO_FACE_JPEG[: len(NO_FACE_JPEG) // 2]):
         error = rpc_error(lambda image=image: api.DetectFaces(F.DetectFacesRequest(image=image)))
@@ -221,10 +257,8 @@ def test_collection_lifecycle(api: Client) -> None:
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
-def _collection(**fields: str) -> object:
-    from facegrid.v1 import resources_pb2
-
-    return resources_pb2.Collection(**fields)
+def _collection(**fields: object) -> resources_pb2.Collection:
+    return resources_pb2.Collection(**fields)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- indexing
@@ -396,6 +430,16 @@ def test_the_unenrolled_person_is_not_a_candidate(
     assert list(error_or_reply.face_matches) == []
 
 
+def _resized(image: bytes, scale: float) -> bytes:
+    import io
+
+    from PIL import Image
+
+    pixels = Image.open(io.BytesIO(image)).convert("RGB")
+    size = (round(pixels.width * scale), round(pixels.height * scale))
+    return jpeg_bytes(np.asarray(pixels.resize(size)))
+
+
 def _crop(image: bytes, box: common_pb2.BoundingBox) -> bytes:
     import io
 
@@ -490,7 +534,193 @@ def test_search_by_image_errors(api: Client, faces: Path, gallery: dict[str, lis
     # other face is searched in its place.
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_reason(error) == "FACE_QUALITY"
-    assert "small bounding box" in field_violations(error)["image"]
+    assert "too small" in field_violations(error)["image"]
+    assert error_info(error).metadata["measures"] == "face_size"
+
+
+def test_results_say_how_many_false_candidates_to_expect(
+    api: Client, faces: Path, gallery: dict[str, list[str]]
+) -> None:
+    reply = api.SearchFacesByImage(
+        F.SearchFacesByImageRequest(
+            parent="collections/gallery",
+            image=photo(faces, "knn/test/obama1.jpg"),
+            context=CONTEXT,
+            max_faces=50,
+        )
+    )
+    threshold = reply.threshold
+    stored = sum(len(v) for v in gallery.values())
+    assert threshold.compared_face_count == stored
+    # Similarity 80: the measured FMR's upper 95% bound is at most 1e-4 (lfw-dev).
+    assert 0 < threshold.false_match_rate <= threshold.false_match_rate_upper_bound <= 1e-4
+    assert threshold.expected_false_candidates == pytest.approx(threshold.false_match_rate * stored)
+    assert threshold.expected_false_candidates_upper_bound == pytest.approx(
+        threshold.false_match_rate_upper_bound * stored
+    )
+    assert reply.face_matches
+    rates = [m.false_match_rate for m in reply.face_matches]
+    assert all(r <= threshold.false_match_rate for r in rates)
+    assert rates == sorted(rates)  # more similar, rarer among strangers
+    assert all(m.false_match_rate <= m.false_match_rate_upper_bound for m in reply.face_matches)
+    record = api.GetAuditRecord(F.GetAuditRecordRequest(name=reply.audit_record)).audit_record
+    assert record.threshold == threshold
+    assert list(record.result_false_match_rates) == pytest.approx(rates)
+    assert list(record.result_similarities) == pytest.approx(
+        [m.similarity for m in reply.face_matches]
+    )
+    by_face = api.SearchFaces(F.SearchFacesRequest(face=gallery["obama"][0], context=CONTEXT))
+    assert by_face.threshold.compared_face_count == stored - 1
+    subjects = api.SearchSubjectsByImage(
+        F.SearchSubjectsByImageRequest(
+            parent="collections/gallery", image=photo(faces, "knn/test/obama1.jpg"), context=CONTEXT
+        )
+    )
+    assert subjects.threshold.compared_face_count == stored
+    assert subjects.subject_matches[0].best_face_match.false_match_rate_upper_bound > 0
+    compared = api.CompareFaces(
+        F.CompareFacesRequest(
+            source_image=photo(faces, "misc/obama.jpg"),
+            target_image=photo(faces, "knn/test/obama_and_biden.jpg"),
+            context=CONTEXT,
+        )
+    )
+    assert compared.threshold.compared_face_count >= 2
+    assert compared.threshold.false_match_rate > 0
+    assert all(0 <= m.false_match_rate <= 1e-4 for m in compared.face_matches)
+
+
+def test_watch_list_monitoring_has_the_stricter_default(
+    api: Client, faces: Path, gallery: dict[str, list[str]]
+) -> None:
+    watch = common_pb2.IdentificationContext(
+        purpose=Purpose.PURPOSE_WATCHLIST_MONITORING, case_id="WL-1"
+    )
+    reply = api.SearchFacesByImage(
+        F.SearchFacesByImageRequest(
+            parent="collections/gallery",
+            image=photo(faces, "knn/test/obama1.jpg"),
+            context=watch,
+            face_match_threshold=85.0,
+        )
+    )
+    assert (reply.threshold.minimum, reply.threshold.applied) == (90.0, 90.0)
+    assert reply.threshold.false_match_rate_upper_bound <= 1e-5
+    assert all(m.similarity >= 90.0 for m in reply.face_matches)
+
+
+def test_a_collection_minimum_threshold_set_by_the_administrator(
+    api: Client, channel: grpc.Channel, e2e_stack: Stack, faces: Path
+) -> None:
+    created = api.CreateCollection(
+        F.CreateCollectionRequest(
+            collection_id="strict", collection=_collection(min_match_threshold=85.0)
+        )
+    ).collection
+    assert created.min_match_threshold == pytest.approx(85.0)
+    api.IndexFaces(
+        F.IndexFacesRequest(
+            parent="collections/strict", image=photo(faces, "knn/train/obama/obama.jpg")
+        )
+    )
+
+    def search(requested: float | None = None) -> common_pb2.MatchThreshold:
+        request = F.SearchFacesByImageRequest(
+            parent="collections/strict", image=photo(faces, "knn/test/obama1.jpg"), context=CONTEXT
+        )
+        if requested is not None:
+            request.face_match_threshold = requested
+        return api.SearchFacesByImage(request).threshold
+
+    threshold = search(70.0)
+    assert (threshold.minimum, threshold.collection_minimum, threshold.applied) == (
+        85.0,
+        85.0,
+        85.0,
+    )
+
+    def update(minimum: float | None, *paths: str) -> F.UpdateCollectionResponse:
+        collection = _collection(name="collections/strict")
+        if minimum is not None:
+            collection.min_match_threshold = minimum
+        return api.UpdateCollection(
+            F.UpdateCollectionRequest(
+                collection=collection, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
+            )
+        )
+
+    updated = update(92.0, "min_match_threshold").collection
+    assert updated.min_match_threshold == pytest.approx(92.0)
+    assert updated.face_count == 1
+    assert search().applied == pytest.approx(92.0)
+    update(None, "min_match_threshold")
+    cleared = search()
+    assert not cleared.HasField("collection_minimum")
+    assert cleared.minimum == 80.0
+    # Never below the deployment's minimum, neither at creation nor later.
+    for call in (
+        lambda: update(60.0, "min_match_threshold"),
+        lambda: api.CreateCollection(
+            F.CreateCollectionRequest(
+                collection_id="lax", collection=_collection(min_match_threshold=60.0)
+            )
+        ),
+        lambda: update(90.0, "face_count"),
+        lambda: update(90.0),
+    ):
+        error = rpc_error(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reader = Client(channel, e2e_stack, e2e_stack.tokens["facegrid.read"])
+    error = rpc_error(
+        lambda: reader.UpdateCollection(
+            F.UpdateCollectionRequest(
+                collection=_collection(name="collections/strict"),
+                update_mask=field_mask_pb2.FieldMask(paths=["min_match_threshold"]),
+            )
+        )
+    )
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    records = api.ListAuditRecords(
+        F.ListAuditRecordsRequest(
+            filter=F.AuditRecordFilter(
+                collection="collections/strict",
+                method="/facegrid.v1.FaceService/UpdateCollection",
+            )
+        )
+    ).audit_records
+    assert [r.threshold.collection_minimum for r in records if r.status_code == 0][:1] == [
+        pytest.approx(92.0)
+    ]
+    api.DeleteCollection(F.DeleteCollectionRequest(name="collections/strict", force=True))
+
+
+def test_a_probe_too_blurred_or_dark_is_refused_whatever_the_filter(
+    api: Client, faces: Path, gallery: dict[str, list[str]]
+) -> None:
+    import io
+
+    from PIL import Image, ImageFilter
+
+    original = Image.open(io.BytesIO(photo(faces, "knn/test/obama1.jpg"))).convert("RGB")
+    blurred = jpeg_bytes(np.asarray(original.filter(ImageFilter.GaussianBlur(6))))
+    dark = jpeg_bytes((np.asarray(original).astype(np.float32) * 0.08).astype(np.uint8))
+    for image, measure in ((blurred, "sharpness"), (dark, "brightness")):
+        detected = api.DetectFaces(F.DetectFacesRequest(image=image)).faces
+        assert detected, measure  # still a face, just not one to search with
+        error = rpc_error(
+            lambda image=image: api.SearchFacesByImage(
+                F.SearchFacesByImageRequest(
+                    parent="collections/gallery",
+                    image=image,
+                    context=CONTEXT,
+                    quality_filter=common_pb2.QUALITY_FILTER_NONE,
+                )
+            )
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_reason(error) == "FACE_QUALITY"
+        assert measure in error_info(error).metadata["measures"].split(",")
+        assert "cannot be searched reliably" in field_violations(error)["image"]
 
 
 def test_search_faces_by_stored_face(api: Client, gallery: dict[str, list[str]]) -> None:

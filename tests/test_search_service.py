@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import ServiceProcess, start_service
 from facegrid.v1 import common_pb2, resources_pb2, search_pb2, search_pb2_grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 from grpc_helpers import DEADLINE_S, error_reason, field_violations, is_serving, rpc_error
 from numpy.typing import NDArray
 
@@ -152,6 +152,64 @@ def test_collection_lifecycle(search: search_pb2_grpc.SearchServiceStub) -> None
         )
     )
     assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_update_collection_changes_only_the_masked_fields(
+    search: search_pb2_grpc.SearchServiceStub,
+) -> None:
+    made = Gallery(search, 3, seed=21)
+
+    def update(collection: resources_pb2.Collection, *paths: str) -> resources_pb2.Collection:
+        reply = search.UpdateCollection(
+            S.SearchServiceUpdateCollectionRequest(
+                collection=collection, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
+            ),
+            timeout=DEADLINE_S,
+        )
+        return reply.collection
+
+    changed = update(
+        resources_pb2.Collection(
+            name=made.name, display_name="Booking photos", min_match_threshold=85.0
+        ),
+        "display_name",
+        "min_match_threshold",
+    )
+    assert changed.display_name == "Booking photos"
+    assert changed.min_match_threshold == pytest.approx(85.0)
+    assert changed.face_count == 3  # the faces are not touched
+    assert changed.similarity_calibration == calibration()
+    # Not in the mask: left as it is, although the request carries a value.
+    kept = update(
+        resources_pb2.Collection(name=made.name, description="d", display_name="ignored"),
+        "description",
+    )
+    assert (kept.display_name, kept.description) == ("Booking photos", "d")
+    assert kept.HasField("min_match_threshold")
+    cleared = update(resources_pb2.Collection(name=made.name), "min_match_threshold")
+    assert not cleared.HasField("min_match_threshold")
+    got = search.GetCollection(
+        S.SearchServiceGetCollectionRequest(name=made.name), timeout=DEADLINE_S
+    ).collection
+    assert (got.display_name, got.description) == ("Booking photos", "d")
+    assert not got.HasField("min_match_threshold")
+    for paths, collection, field in (
+        ((), resources_pb2.Collection(name=made.name), "update_mask"),
+        (("face_count",), resources_pb2.Collection(name=made.name), "update_mask"),
+        (
+            ("min_match_threshold",),
+            resources_pb2.Collection(name=made.name, min_match_threshold=101.0),
+            "collection.min_match_threshold",
+        ),
+    ):
+        error = rpc_error(lambda c=collection, p=paths: update(c, *p))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in field_violations(error)
+    error = rpc_error(
+        lambda: update(resources_pb2.Collection(name="collections/missing-one"), "description")
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    made.delete()
 
 
 def test_duplicate_collection_is_already_exists(

@@ -46,12 +46,18 @@ class ServiceError(Exception):
         )
 
 
-def invalid_argument(field: str, description: str, reason: str = "") -> ServiceError:
+def invalid_argument(
+    field: str, description: str, reason: str = "", metadata: Mapping[str, str] | None = None
+) -> ServiceError:
     """INVALID_ARGUMENT with one BadRequest field violation (and ErrorInfo if a reason)."""
-    return invalid_arguments([(field, description)], reason=reason)
+    return invalid_arguments([(field, description)], reason=reason, metadata=metadata)
 
 
-def invalid_arguments(violations: Iterable[tuple[str, str]], reason: str = "") -> ServiceError:
+def invalid_arguments(
+    violations: Iterable[tuple[str, str]],
+    reason: str = "",
+    metadata: Mapping[str, str] | None = None,
+) -> ServiceError:
     pairs = list(violations)
     bad_request = error_details_pb2.BadRequest(
         field_violations=[
@@ -60,7 +66,11 @@ def invalid_arguments(violations: Iterable[tuple[str, str]], reason: str = "") -
     )
     details: list[Message] = [bad_request]
     if reason:
-        details.append(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
+        details.append(
+            error_details_pb2.ErrorInfo(
+                reason=reason, domain=ERROR_DOMAIN, metadata=dict(metadata or {})
+            )
+        )
     message = "; ".join(f"{f}: {d}" for f, d in pairs)
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, details)
 

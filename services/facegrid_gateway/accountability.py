@@ -62,11 +62,19 @@ class AuditDraft:
         telemetry.annotate(model_version=version)
 
     def results(
-        self, names: Iterable[str], similarities: Iterable[float] = (), count: int | None = None
+        self,
+        names: Iterable[str],
+        similarities: Iterable[float] = (),
+        false_match_rates: Iterable[float] = (),
+        count: int | None = None,
     ) -> None:
+        """What was returned: resource names, and for matches their similarity and the
+        false match rate measured at it, in the order returned."""
         self.record.result_resources.extend(names)
         self.record.result_count = len(self.record.result_resources) if count is None else count
         scores = list(similarities)
+        self.record.result_similarities.extend(scores)
+        self.record.result_false_match_rates.extend(false_match_rates)
         telemetry.annotate(result_count=self.record.result_count)
         if scores:
             self.record.top_similarity = max(scores)

@@ -14,7 +14,7 @@ import uuid
 from typing import Any, TypeAlias
 
 import grpc
-from facegrid import names, paging
+from facegrid import field_masks, names, paging
 from facegrid.auth import (
     SCOPE_ADMIN,
     SCOPE_AUDIT,
@@ -43,7 +43,12 @@ from facegrid_gateway.accountability import AuditDraft, Gatekeeper, guarded
 from facegrid_gateway.audit import NAME_PREFIX, AuditLog
 from facegrid_gateway.downstream import Downstream
 from facegrid_gateway.faces import FacePipeline, Probe, cosines, without_chip
-from facegrid_gateway.policy import QualityPolicy, ThresholdPolicy
+from facegrid_gateway.policy import (
+    QualityPolicy,
+    ThresholdDecision,
+    ThresholdPolicy,
+    check_requested,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +78,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         self.gatekeeper = gatekeeper
         self._downstream = downstream
         self._pipeline = pipeline
-        self._thresholds: ThresholdPolicy | None = None
+        self._thresholds = ThresholdPolicy(settings.gateway)
 
     # ---------------------------------------------------------------- helpers
 
@@ -88,13 +93,16 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             raise internal(f"SearchService.{method} answered with {type(response).__name__}")
         return response
 
-    async def _threshold(
-        self, context: Context, purpose: int, requested: float | None, field: str
-    ) -> common_pb2.MatchThreshold:
-        if self._thresholds is None:
-            model = await self._pipeline.model(context)
-            self._thresholds = ThresholdPolicy(self._settings.gateway, model.default_threshold)
-        return self._thresholds.decide(purpose, requested, field)
+    @staticmethod
+    def _with_rates(
+        matches: list[resources_pb2.FaceMatch], decision: ThresholdDecision
+    ) -> list[resources_pb2.FaceMatch]:
+        """Each match with the false match rate measured at its cosine."""
+        for match in matches:
+            match.false_match_rate, match.false_match_rate_upper_bound = decision.rates_at(
+                match.cosine_similarity
+            )
+        return matches
 
     async def _collection(
         self, name: str, context: Context, field: str
@@ -117,6 +125,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             include_chips=False,
             max_faces=max_faces,
             min_confidence=request.min_confidence if request.HasField("min_confidence") else None,
+            min_face_size=request.min_face_size if request.HasField("min_face_size") else None,
         )
         found = detected.response
         return F.DetectFacesResponse(
@@ -125,6 +134,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             image_height=found.image_height,
             orientation=found.orientation,
             model_version=found.model_version,
+            min_face_size=found.min_face_size,
         )
 
     @guarded(SCOPE_COMPARE, audited=True)
@@ -134,13 +144,14 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         audit.context(request.context)
         audit.images(request.source_image, request.target_image)
         validation.identification_context(request.context)
-        threshold = await self._threshold(
-            context,
+        model = await self._pipeline.model(context)
+        decision = self._thresholds.decide(
+            model.version,
             request.context.purpose,
             request.similarity_threshold if request.HasField("similarity_threshold") else None,
             "similarity_threshold",
         )
-        audit.threshold(threshold)
+        audit.threshold(decision.message)
         level = self._pipeline.quality.level(request.quality_filter)
         source, target = await asyncio.gather(
             self._pipeline.probe(
@@ -150,28 +161,37 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         )
         usable = [f for f in target.faces if not self._pipeline.quality.reasons(f, level)]
         embeddings, _ = await self._pipeline.embed(usable, context)
-        model = await self._pipeline.model(context)
         scores = cosines(source.embedding, embeddings)
         matches: list[F.CompareFacesMatch] = []
         unmatched = [without_chip(f) for f in target.faces if f not in usable]
         for face, cosine in zip(usable, scores, strict=True):
-            similarity = model.calibration.similarity(float(cosine))
-            if similarity >= threshold.applied:
+            similarity = decision.scale.similarity(float(cosine))
+            if similarity >= decision.applied:
+                rate, upper = decision.rates_at(float(cosine))
                 matches.append(
                     F.CompareFacesMatch(
                         face=without_chip(face),
                         similarity=similarity,
                         cosine_similarity=float(cosine),
                         distance=math.sqrt(max(0.0, 2.0 - 2.0 * float(cosine))),
-                        threshold_applied=threshold.applied,
+                        threshold_applied=decision.applied,
                         model_version=source.model_version,
+                        false_match_rate=rate,
+                        false_match_rate_upper_bound=upper,
                     )
                 )
             else:
                 unmatched.append(without_chip(face))
         matches.sort(key=lambda m: -m.similarity)
+        threshold = decision.with_compared(len(usable))
+        audit.threshold(threshold)
         audit.model_version(source.model_version)
-        audit.results((), [m.similarity for m in matches], count=len(matches))
+        audit.results(
+            (),
+            [m.similarity for m in matches],
+            [m.false_match_rate for m in matches],
+            count=len(matches),
+        )
         return F.CompareFacesResponse(
             source_face=source.face,
             face_matches=matches,
@@ -199,6 +219,12 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         )
         if given.HasField("face_retention"):
             collection.face_retention.CopyFrom(given.face_retention)
+        if given.HasField("min_match_threshold"):
+            self._thresholds.check_collection_minimum(
+                given.min_match_threshold, model.version, None, "collection.min_match_threshold"
+            )
+            collection.min_match_threshold = given.min_match_threshold
+            audit.threshold(common_pb2.MatchThreshold(collection_minimum=given.min_match_threshold))
         response: S.SearchServiceCreateCollectionResponse = await self._search_call(
             S.SearchServiceCreateCollectionRequest(
                 collection_id=request.collection_id, collection=collection
@@ -229,6 +255,35 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         return F.ListCollectionsResponse(
             collections=response.collections, next_page_token=response.next_page_token
         )
+
+    @guarded(SCOPE_ADMIN, audited=True)
+    async def UpdateCollection(  # noqa: N802
+        self, request: F.UpdateCollectionRequest, context: Context, audit: AuditDraft
+    ) -> F.UpdateCollectionResponse:
+        name = request.collection.name
+        audit.collection(name)
+        audit.target(name)
+        names.parse_collection(name, "collection.name")
+        paths = field_masks.update_paths(request.update_mask, field_masks.COLLECTION_UPDATABLE)
+        given = request.collection
+        if "min_match_threshold" in paths and given.HasField("min_match_threshold"):
+            current = await self._collection(name, context, "collection.name")
+            self._thresholds.check_collection_minimum(
+                given.min_match_threshold,
+                current.model_version,
+                current.similarity_calibration,
+                "collection.min_match_threshold",
+            )
+            audit.threshold(common_pb2.MatchThreshold(collection_minimum=given.min_match_threshold))
+        response: S.SearchServiceUpdateCollectionResponse = await self._search_call(
+            S.SearchServiceUpdateCollectionRequest(
+                collection=given, update_mask=request.update_mask
+            ),
+            context,
+        )
+        audit.model_version(response.collection.model_version)
+        audit.results([response.collection.name])
+        return F.UpdateCollectionResponse(collection=response.collection)
 
     @guarded(SCOPE_ADMIN, audited=True)
     async def DeleteCollection(  # noqa: N802
@@ -273,7 +328,11 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             )
         else:
             await self._collection(request.parent, context, "parent")
-        detected = await self._pipeline.detect(request.image, context)
+        detected = await self._pipeline.detect(
+            request.image,
+            context,
+            min_face_size=request.min_face_size if request.HasField("min_face_size") else None,
+        )
         chosen: list[common_pb2.FaceDetail] = []
         unindexed: list[F.UnindexedFace] = []
         for face in detected.faces:
@@ -327,6 +386,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             image_height=detected.response.image_height,
             orientation=detected.response.orientation,
             model_version=model_version,
+            min_face_size=detected.response.min_face_size,
         )
 
     @guarded(SCOPE_READ, audited=False)
@@ -381,35 +441,54 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         face_name = names.parse_face(request.face, "face")
         audit.collection(names.collection_name(face_name.collection))
         max_faces = validation.count(request.max_faces, "max_faces", MAX_MATCHES, DEFAULT_MATCHES)
-        threshold = await self._threshold(
-            context,
-            request.context.purpose,
-            request.face_match_threshold if request.HasField("face_match_threshold") else None,
-            "face_match_threshold",
+        requested = (
+            request.face_match_threshold if request.HasField("face_match_threshold") else None
         )
-        audit.threshold(threshold)
-        found: S.SearchServiceGetFaceResponse = await self._search_call(
-            S.SearchServiceGetFaceRequest(name=request.face, view=S.FACE_VIEW_FULL),
-            context,
-            name="face",
+        check_requested(requested, "face_match_threshold")
+        parent = names.collection_name(face_name.collection)
+        found, collection = await asyncio.gather(
+            self._search_call(
+                S.SearchServiceGetFaceRequest(name=request.face, view=S.FACE_VIEW_FULL),
+                context,
+                name="face",
+            ),
+            self._collection(parent, context, "face"),
         )
         stored = found.face
+        decision = self._thresholds.decide(
+            collection.model_version,
+            request.context.purpose,
+            requested,
+            "face_match_threshold",
+            collection,
+        )
+        audit.threshold(decision.message)
         matches = await self._search(
-            names.collection_name(face_name.collection),
+            parent,
             stored.embedding,
             stored.model_version,
             min(max_faces + 1, MAX_MATCHES),
-            threshold,
+            decision,
             context,
         )
         matches = [m for m in matches if m.face.name != request.face][:max_faces]
+        threshold = decision.with_compared(int(collection.face_count) - 1)
+        audit.threshold(threshold)
         audit.model_version(stored.model_version)
-        audit.results([m.face.name for m in matches], [m.similarity for m in matches])
+        self._audit_matches(audit, matches)
         return F.SearchFacesResponse(
             searched_face=request.face,
             face_matches=matches,
             threshold=threshold,
             model_version=stored.model_version,
+        )
+
+    @staticmethod
+    def _audit_matches(audit: AuditDraft, matches: list[resources_pb2.FaceMatch]) -> None:
+        audit.results(
+            [m.face.name for m in matches],
+            [m.similarity for m in matches],
+            [m.false_match_rate for m in matches],
         )
 
     async def _search(
@@ -418,7 +497,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         embedding: common_pb2.Embedding,
         model_version: str,
         top_k: int,
-        threshold: common_pb2.MatchThreshold,
+        decision: ThresholdDecision,
         context: Context,
         group_by_subject: bool = False,
     ) -> list[resources_pb2.FaceMatch]:
@@ -429,12 +508,12 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
                 queries=[query],
                 model_version=model_version,
                 top_k=top_k,
-                min_similarity=threshold.applied,
+                min_similarity=decision.applied,
                 group_by_subject=group_by_subject,
             ),
             context,
         )
-        return list(response.results[0].matches)
+        return self._with_rates(list(response.results[0].matches), decision)
 
     @guarded(SCOPE_SEARCH, audited=True)
     async def SearchFacesByImage(  # noqa: N802
@@ -446,19 +525,16 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         validation.identification_context(request.context)
         names.parse_collection(request.parent, "parent")
         max_faces = validation.count(request.max_faces, "max_faces", MAX_MATCHES, DEFAULT_MATCHES)
-        threshold = await self._threshold(
-            context,
-            request.context.purpose,
-            request.face_match_threshold if request.HasField("face_match_threshold") else None,
-            "face_match_threshold",
+        probe, collection, decision = await self._probe_in(
+            request, context, audit, "face_match_threshold"
         )
-        audit.threshold(threshold)
-        probe = await self._probe_in(request.parent, request.image, request.quality_filter, context)
         matches = await self._search(
-            request.parent, probe.embedding, probe.model_version, max_faces, threshold, context
+            request.parent, probe.embedding, probe.model_version, max_faces, decision, context
         )
+        threshold = decision.with_compared(int(collection.face_count))
+        audit.threshold(threshold)
         audit.model_version(probe.model_version)
-        audit.results([m.face.name for m in matches], [m.similarity for m in matches])
+        self._audit_matches(audit, matches)
         return F.SearchFacesByImageResponse(
             searched_face=probe.face,
             detected_face_count=probe.detected_face_count,
@@ -468,16 +544,33 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         )
 
     async def _probe_in(
-        self, parent: str, image: bytes, quality_filter: int, context: Context
-    ) -> Probe:
-        """The image's probe face, found while the collection's existence is checked."""
-        probing = asyncio.ensure_future(self._pipeline.probe(image, quality_filter, context))
+        self,
+        request: F.SearchFacesByImageRequest | F.SearchSubjectsByImageRequest,
+        context: Context,
+        audit: AuditDraft,
+        threshold_field: str,
+    ) -> tuple[Probe, resources_pb2.Collection, ThresholdDecision]:
+        """The image's probe face, found while the collection is read and the threshold
+        decided on it (written to the audit draft before the probe can fail)."""
+        requested = getattr(request, threshold_field) if request.HasField(threshold_field) else None
+        check_requested(requested, threshold_field)
+        probing = asyncio.ensure_future(
+            self._pipeline.probe(request.image, request.quality_filter, context)
+        )
         try:
-            await self._collection(parent, context, "parent")
+            collection = await self._collection(request.parent, context, "parent")
+            decision = self._thresholds.decide(
+                collection.model_version,
+                request.context.purpose,
+                requested,
+                threshold_field,
+                collection,
+            )
+            audit.threshold(decision.message)
         except BaseException:
             probing.cancel()
             raise
-        return await probing
+        return await probing, collection, decision
 
     # ---------------------------------------------------------------- subjects
 
@@ -577,22 +670,15 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         max_subjects = validation.count(
             request.max_subjects, "max_subjects", MAX_SUBJECT_MATCHES, DEFAULT_MATCHES
         )
-        threshold = await self._threshold(
-            context,
-            request.context.purpose,
-            request.subject_match_threshold
-            if request.HasField("subject_match_threshold")
-            else None,
-            "subject_match_threshold",
+        probe, collection, decision = await self._probe_in(
+            request, context, audit, "subject_match_threshold"
         )
-        audit.threshold(threshold)
-        probe = await self._probe_in(request.parent, request.image, request.quality_filter, context)
         matches = await self._search(
             request.parent,
             probe.embedding,
             probe.model_version,
             max_subjects,
-            threshold,
+            decision,
             context,
             group_by_subject=True,
         )
@@ -612,14 +698,18 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
                 subject=found.subject,
                 similarity=match.similarity,
                 best_face_match=match,
-                threshold_applied=threshold.applied,
+                threshold_applied=decision.applied,
                 model_version=probe.model_version,
             )
             for found, match in zip(subjects, matches, strict=True)
         ]
+        threshold = decision.with_compared(int(collection.face_count))
+        audit.threshold(threshold)
         audit.model_version(probe.model_version)
         audit.results(
-            [m.subject.name for m in subject_matches], [m.similarity for m in subject_matches]
+            [m.subject.name for m in subject_matches],
+            [m.similarity for m in subject_matches],
+            [m.best_face_match.false_match_rate for m in subject_matches],
         )
         return F.SearchSubjectsByImageResponse(
             searched_face=probe.face,
@@ -675,7 +765,7 @@ async def serve(settings: Settings) -> None:
             "(create one with `facegrid token create`)",
             gateway.credentials_file,
         )
-    ThresholdPolicy(gateway, 0.0)  # refuses a misconfigured policy before serving
+    ThresholdPolicy(gateway)  # refuses a misconfigured policy before serving
     audit_log = AuditLog(gateway.audit_path)
     downstream = Downstream(settings)
     pipeline = FacePipeline(downstream, QualityPolicy(gateway))

@@ -29,6 +29,7 @@ Response = TypeVar("Response")
 _IDEMPOTENT_SEARCH_METHODS = (
     "GetCollection",
     "ListCollections",
+    "UpdateCollection",
     "BatchUpsertFaces",
     "GetFace",
     "ListFaces",

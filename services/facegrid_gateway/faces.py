@@ -14,9 +14,10 @@ from facegrid.v1 import common_pb2, detection_pb2, embedding_pb2
 from numpy.typing import NDArray
 
 from facegrid_gateway.downstream import Downstream
-from facegrid_gateway.policy import QualityPolicy, describe_reasons
+from facegrid_gateway.policy import QualityPolicy
 
 MAX_DETECTED_FACES = 100
+MIN_FACE_SIZE = 20  # the detector's smallest (at its largest enlargement)
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,6 @@ class ModelInfo:
     dimension: int
     calibration_message: common_pb2.SimilarityCalibration
     calibration: Calibration
-    default_threshold: float
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,6 @@ class FacePipeline:
                     dimension=info.dimension,
                     calibration_message=info.similarity_calibration,
                     calibration=Calibration.from_proto(info.similarity_calibration),
-                    default_threshold=record.default_threshold,
                 )
             return self._model
 
@@ -97,12 +96,19 @@ class FacePipeline:
         include_chips: bool = True,
         max_faces: int = MAX_DETECTED_FACES,
         min_confidence: float | None = None,
+        min_face_size: int | None = None,
     ) -> Detected:
         request = detection_pb2.DetectionServiceDetectFacesRequest(
             image=image, max_faces=max_faces, include_chips=include_chips
         )
         if min_confidence is not None:
             request.min_confidence = min_confidence
+        if min_face_size is not None:
+            if min_face_size < MIN_FACE_SIZE:
+                raise invalid_argument(
+                    "min_face_size", f"must be at least {MIN_FACE_SIZE} pixels, got {min_face_size}"
+                )
+            request.min_face_size = min_face_size
         response = await self._downstream.call(
             self._downstream.detection.DetectFaces,
             request,
@@ -132,25 +138,29 @@ class FacePipeline:
         context: grpc.aio.ServicerContext,
         field: str = "image",
     ) -> Probe:
-        """The largest face, which must pass the quality filter; a smaller one never stands in."""
+        """The largest face, which must pass the quality filter and the probe minimum; a
+        smaller one never stands in."""
         level = self.quality.level(quality_filter)
         detected = await self.detect(image, context, field)
         if not detected.faces:
             raise invalid_argument(field, "no face was found in the image", reason="NO_FACE")
         largest = detected.faces[0]
-        self.check_quality(largest, level, field)
+        self.check_probe_quality(largest, level, field)
         embeddings, version = await self.embed([largest], context)
         return Probe(without_chip(largest), embeddings[0], version, len(detected.faces))
 
-    def check_quality(
+    def check_probe_quality(
         self, face: common_pb2.FaceDetail, level: QualityLevel | None, field: str
     ) -> None:
-        reasons = self.quality.reasons(face, level)
-        if reasons:
+        """FACE_QUALITY naming each failed measure (ErrorInfo metadata ``measures``)."""
+        failures = self.quality.probe_failures(face, level)
+        if failures:
             raise invalid_argument(
                 field,
-                f"the largest face fails the quality filter ({describe_reasons(reasons)})",
+                "the largest face cannot be searched reliably: "
+                + "; ".join(f.text for f in failures),
                 reason="FACE_QUALITY",
+                metadata={"measures": ",".join(dict.fromkeys(f.measure for f in failures))},
             )
 
 

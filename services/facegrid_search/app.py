@@ -6,7 +6,7 @@ import math
 from typing import TypeAlias
 
 import grpc
-from facegrid import names, paging, telemetry
+from facegrid import field_masks, names, paging, telemetry
 from facegrid.config import Settings
 from facegrid.errors import failed_precondition, invalid_argument, invalid_arguments, not_found
 from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
@@ -59,6 +59,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
             violations.append(("collection.metric", "unknown metric"))
         if violations:
             raise invalid_arguments(violations)
+        convert.check_collection_fields(given, field_masks.COLLECTION_UPDATABLE)
         Calibration.from_proto(given.similarity_calibration, "collection.similarity_calibration")
         stored = resources_pb2.Collection()
         stored.CopyFrom(given)
@@ -105,6 +106,24 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
         return S.SearchServiceListCollectionsResponse(
             collections=collections, next_page_token=token
         )
+
+    async def UpdateCollection(  # noqa: N802
+        self, request: S.SearchServiceUpdateCollectionRequest, context: Context
+    ) -> S.SearchServiceUpdateCollectionResponse:
+        collection_id = names.parse_collection(request.collection.name, "collection.name")
+        paths = field_masks.update_paths(request.update_mask, field_masks.COLLECTION_UPDATABLE)
+        convert.check_collection_fields(request.collection, paths)
+        current = await self._core.collection(collection_id)
+        updated = convert.collection_message(current.spec, 0, 0)
+        for path in paths:
+            if path == "min_match_threshold" and not request.collection.HasField(path):
+                updated.ClearField(path)  # in the mask but unset: cleared (AIP-134)
+            else:
+                setattr(updated, path, getattr(request.collection, path))
+        collection = await self._core.update_collection(
+            collection_id, convert.collection_definition(updated)
+        )
+        return S.SearchServiceUpdateCollectionResponse(collection=await self._describe(collection))
 
     async def DeleteCollection(  # noqa: N802
         self, request: S.SearchServiceDeleteCollectionRequest, context: Context

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +40,27 @@ def collection_definition(collection: resources_pb2.Collection) -> dict[str, Any
     for name in COLLECTION_OUTPUT_ONLY:
         stored.ClearField(name)
     return to_json(stored)
+
+
+MAX_DISPLAY_NAME = 256
+MAX_DESCRIPTION = 2000
+
+
+def check_collection_fields(
+    collection: resources_pb2.Collection, paths: Sequence[str], prefix: str = "collection"
+) -> None:
+    """Limits of a collection's settable fields (those in ``paths``)."""
+    violations = []
+    if "display_name" in paths and len(collection.display_name) > MAX_DISPLAY_NAME:
+        violations.append((f"{prefix}.display_name", f"at most {MAX_DISPLAY_NAME} characters"))
+    if "description" in paths and len(collection.description) > MAX_DESCRIPTION:
+        violations.append((f"{prefix}.description", f"at most {MAX_DESCRIPTION} characters"))
+    if "min_match_threshold" in paths and collection.HasField("min_match_threshold"):
+        value = collection.min_match_threshold
+        if not (math.isfinite(value) and 0 <= value <= 100):
+            violations.append((f"{prefix}.min_match_threshold", f"must be 0 to 100, got {value}"))
+    if violations:
+        raise invalid_arguments(violations)
 
 
 def calibration_of(spec: CollectionSpec) -> Calibration:

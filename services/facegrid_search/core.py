@@ -14,8 +14,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from facegrid.config import SearchCache, StoreSettings
 from facegrid.errors import already_exists, failed_precondition, not_found
@@ -138,6 +138,8 @@ class SearchCore:
                 self._collections.pop(collection_id, None)
             elif collection_id not in self._collections:
                 self._collections[collection_id] = await self._load(spec)
+            elif self._collections[collection_id].spec != spec:
+                self._collections[collection_id].spec = spec  # updated by another replica
         found = self._collections.get(collection_id)
         if found is None:
             raise not_found("facegrid.v1.Collection", collection_name(collection_id))
@@ -153,6 +155,15 @@ class SearchCore:
             cache = FaceCache(spec.dimension) if self.cached else None
             self._collections[spec.collection_id] = Collection(spec, cache, asyncio.Lock())
             self._observe(self._collections[spec.collection_id])
+
+    async def update_collection(self, collection_id: str, definition: dict[str, Any]) -> Collection:
+        """Store a new definition of a collection (its display fields and minimum)."""
+        async with self._registry_lock:
+            collection = await self.collection(collection_id)
+            spec = replace(collection.spec, definition=definition)
+            await self._milvus(self._store().update_spec, spec)
+            collection.spec = spec
+            return collection
 
     async def list_specs(self) -> list[CollectionSpec]:
         if self.cached:

@@ -147,6 +147,10 @@ class MilvusStore:
         subjects.add_field("placeholder", DataType.FLOAT_VECTOR, dim=PLACEHOLDER_DIM)
         self._create(subjects_collection(spec.collection_id), subjects, "placeholder", "FLAT", {})
         # Registered last: a collection is visible only once its parts exist.
+        self.update_spec(spec)
+
+    def update_spec(self, spec: CollectionSpec) -> None:
+        """Replace a registered collection's definition (its parts stay as they are)."""
         self.client.upsert(
             REGISTRY,
             [

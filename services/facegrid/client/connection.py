@@ -119,6 +119,9 @@ class FaceClient:
     def list_collections(self, request: fs.ListCollectionsRequest) -> fs.ListCollectionsResponse:
         return self._call("ListCollections", request, fs.ListCollectionsResponse, True)
 
+    def update_collection(self, request: fs.UpdateCollectionRequest) -> fs.UpdateCollectionResponse:
+        return self._call("UpdateCollection", request, fs.UpdateCollectionResponse, True)
+
     def delete_collection(self, request: fs.DeleteCollectionRequest) -> fs.DeleteCollectionResponse:
         return self._call("DeleteCollection", request, fs.DeleteCollectionResponse, False)
 

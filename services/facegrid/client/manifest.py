@@ -93,6 +93,7 @@ class PhotoSpec:
     quality: str = "auto"
     max_faces: int = 0
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    min_face_size: int = 0  # 0: the detector's own (80 px)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Tables for the command line (rich): results as candidates, with their context.
 
 Every identification result is printed with the threshold (requested, minimum,
-applied), the model version and the audit record under it, and the reminder that
-it is a candidate list for review, never an identification.
+applied), the false match rate measured at it and the false candidates to expect from
+the faces compared, each candidate with the false match rate at its similarity, the
+model version and the audit record under it, and the reminder that it is a candidate
+list for review, never an identification.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ def _optional(message: Message, field: str, fmt: str = "{:.0f}") -> str:
     return fmt.format(getattr(message, field)) if message.HasField(field) else ""
 
 
+def rate(value: float) -> str:
+    """A false match rate: ``1.2e-05``, or ``0`` (none measured at that level)."""
+    return "0" if value == 0 else f"{value:.2g}"
+
+
 def threshold_line(threshold: common_pb2.MatchThreshold) -> str:
     """``threshold: applied 90.0 (requested 90.0, administrator's minimum 80.0)``."""
     requested = (
@@ -67,9 +74,25 @@ def threshold_line(threshold: common_pb2.MatchThreshold) -> str:
         if threshold.HasField("requested")
         else "none requested"
     )
+    collection = (
+        f", the collection's {threshold.collection_minimum:.1f}"
+        if threshold.HasField("collection_minimum")
+        else ""
+    )
     return (
         f"threshold: applied {threshold.applied:.1f} ({requested}, "
-        f"administrator's minimum {threshold.minimum:.1f})"
+        f"administrator's minimum {threshold.minimum:.1f}{collection})"
+    )
+
+
+def false_candidates_line(threshold: common_pb2.MatchThreshold) -> str:
+    """What the threshold means for the faces compared, in false candidates."""
+    return (
+        f"false match rate at the threshold: {rate(threshold.false_match_rate)} (at most "
+        f"{rate(threshold.false_match_rate_upper_bound)}, 95%), measured on the calibration "
+        f"set; {threshold.compared_face_count:,} faces compared: expect about "
+        f"{threshold.expected_false_candidates:.2g} false candidates (at most "
+        f"{threshold.expected_false_candidates_upper_bound:.2g}) at or above it"
     )
 
 
@@ -81,6 +104,7 @@ def _footer(
     out: Console, threshold: common_pb2.MatchThreshold, model_version: str, audit_record: str
 ) -> None:
     out.print(threshold_line(threshold))
+    out.print(false_candidates_line(threshold))
     out.print(f"model: {model_version}")
     out.print(f"audit record: {audit_record}")
     out.print(CANDIDATES_NOTICE)
@@ -117,9 +141,15 @@ def collection_details(out: Console, collection: resources_pb2.Collection) -> No
         else "kept until deleted"
     )
     index = resources_pb2.IndexConfig.Type.Name(collection.index_config.type)
+    minimum = (
+        f"{collection.min_match_threshold:g}"
+        if collection.HasField("min_match_threshold")
+        else "the deployment's"
+    )
     rows = [
         ("display name", collection.display_name),
         ("description", collection.description),
+        ("minimum threshold", minimum),
         ("faces", str(collection.face_count)),
         ("subjects", str(collection.subject_count)),
         ("model version", collection.model_version),
@@ -131,10 +161,15 @@ def collection_details(out: Console, collection: resources_pb2.Collection) -> No
     ]
     calibration = collection.similarity_calibration
     if calibration.points:
+        shown = [
+            p for p in calibration.points if len(calibration.points) <= 12 or p.similarity % 10 == 0
+        ]
         points = ", ".join(
-            f"{p.cosine_similarity:.2f}->{p.similarity:.0f}" for p in calibration.points
+            f"{p.similarity:.0f}={p.cosine_similarity:.3f}"
+            + (f" (FMR {rate(p.false_match_rate)})" if p.HasField("false_match_rate") else "")
+            for p in shown
         )
-        rows.append(("calibration", points))
+        rows.append(("calibration (similarity=cosine)", points))
         if calibration.description:
             rows.append(("calibrated on", calibration.description))
     for key, value in rows:
@@ -204,7 +239,8 @@ def detect_table(out: Console, reply: fs.DetectFacesResponse, image: str) -> Non
     out.print(table)
     out.print(
         f"{plural(len(reply.faces), 'face')}; image {reply.image_width}x{reply.image_height} "
-        f"after EXIF orientation {reply.orientation}; model: {reply.model_version}"
+        f"after EXIF orientation {reply.orientation}; faces of {reply.min_face_size} px and "
+        f"more looked for; model: {reply.model_version}"
     )
 
 
@@ -214,14 +250,17 @@ def face_matches_table(
     matches: Sequence[resources_pb2.FaceMatch],
 ) -> None:
     table = Table(title=title, title_justify="left")
-    for column in ("rank", "similarity", "face", "subject", "external image id"):
+    for column in ("rank", "similarity", "FMR", "face", "subject", "external image id"):
         table.add_column(
-            column, overflow="fold", justify="right" if column in ("rank", "similarity") else "left"
+            column,
+            overflow="fold",
+            justify="right" if column in ("rank", "similarity", "FMR") else "left",
         )
     for rank, match in enumerate(matches, 1):
         table.add_row(
             str(rank),
             f"{match.similarity:.1f}",
+            rate(match.false_match_rate),
             match.face.name,
             match.face.subject_id,
             match.face.external_image_id,
@@ -244,14 +283,18 @@ def search_by_face(out: Console, reply: fs.SearchFacesResponse) -> None:
 
 def subjects_search(out: Console, reply: fs.SearchSubjectsByImageResponse, image: str) -> None:
     table = Table(title=f"Candidate subjects for {image}", title_justify="left")
-    for column in ("rank", "similarity", "subject", "display name", "best face", "external id"):
+    columns = ("rank", "similarity", "FMR", "subject", "display name", "best face", "external id")
+    for column in columns:
         table.add_column(
-            column, overflow="fold", justify="right" if column in ("rank", "similarity") else "left"
+            column,
+            overflow="fold",
+            justify="right" if column in ("rank", "similarity", "FMR") else "left",
         )
     for rank, match in enumerate(reply.subject_matches, 1):
         table.add_row(
             str(rank),
             f"{match.similarity:.1f}",
+            rate(match.best_face_match.false_match_rate),
             match.subject.subject_id,
             match.subject.display_name,
             match.best_face_match.face.name,
@@ -266,12 +309,13 @@ def subjects_search(out: Console, reply: fs.SearchSubjectsByImageResponse, image
 
 def compare(out: Console, reply: fs.CompareFacesResponse, source: str, target: str) -> None:
     table = Table(title=f"Faces of {target} similar to {source}", title_justify="left")
-    for column in ("rank", "similarity", "cosine", "box in target", "confidence"):
+    for column in ("rank", "similarity", "FMR", "cosine", "box in target", "confidence"):
         table.add_column(column, justify="left" if column == "box in target" else "right")
     for rank, match in enumerate(reply.face_matches, 1):
         table.add_row(
             str(rank),
             f"{match.similarity:.1f}",
+            rate(match.false_match_rate),
             f"{match.cosine_similarity:.3f}",
             _box(match.face.bounding_box),
             f"{match.face.confidence:.1f}",

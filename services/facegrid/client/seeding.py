@@ -355,6 +355,8 @@ def index_photo(
             source_id=photo.source_id,
             request_id=request_id(collection, photo.subject_id, content_digest(data)),
         )
+        if photo.min_face_size:
+            request.min_face_size = photo.min_face_size
         if photo.metadata:
             metadata = struct_pb2.Struct()
             json_format.ParseDict(dict(photo.metadata), metadata)
