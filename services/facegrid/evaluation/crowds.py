@@ -193,13 +193,17 @@ def _compreface_noses(path: Path) -> dict[str, list[tuple[float, float]]]:
     return out
 
 
-def datasets(root: Path) -> dict[str, list[AnnotatedPhoto]]:
-    """The annotated sets under ``root`` (../shared/data/crowds), those present."""
+SETS = ("dlib", "wider", "compreface")
+
+
+def datasets(root: Path, names: tuple[str, ...] = SETS) -> dict[str, list[AnnotatedPhoto]]:
+    """The annotated sets under ``root`` (../shared/data/crowds) among ``names``, those
+    present: "dlib" (testing.xml), "wider" (boxes.txt), "compreface" (counted photos)."""
     found: dict[str, list[AnnotatedPhoto]] = {}
-    if (root / "dlib" / "testing.xml").is_file():
-        found["dlib testing.xml"] = dlib_xml(root / "dlib" / "testing.xml")
-    if (root / "wider" / "boxes.txt").is_file():
+    if "dlib" in names and (root / "dlib" / "testing.xml").is_file():
+        found["dlib"] = dlib_xml(root / "dlib" / "testing.xml")
+    if "wider" in names and (root / "wider" / "boxes.txt").is_file():
         found["wider"] = wider_boxes(root / "wider" / "boxes.txt")
-    if (root / "compreface").is_dir():
+    if "compreface" in names and (root / "compreface").is_dir():
         found["compreface"] = compreface(root / "compreface")
     return found

@@ -57,6 +57,13 @@ def register(
         action="append",
         help="smallest face size to look for, repeatable (default: 80, 40 and 20)",
     )
+    parser.add_argument(
+        "--only",
+        dest="sets",
+        action="append",
+        choices=crowds.SETS,
+        help="only this annotated set, repeatable (default: all of them)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     service_arguments(parser)
     parser.set_defaults(handler=eval_detection_command)
@@ -127,7 +134,7 @@ def print_rows(console: Console, rows: list[dict[str, Any]]) -> None:
 
 def eval_detection_command(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200)
-    sets = crowds.datasets(args.crowds)
+    sets = crowds.datasets(args.crowds, tuple(args.sets or crowds.SETS))
     if not sets:
         console.print(f"[red]error:[/red] no annotated photos under {args.crowds}")
         return 2
