@@ -467,6 +467,32 @@ def test_eval_command_starts_its_own_services(
     assert det.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_calibrate_refuses_a_set_too_small_for_its_bounds(
+    faces: Path,
+    detection: ServiceProcess,
+    embedding: ServiceProcess,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The 20 distinct faces of ../shared/data/faces give 165 impostor pairs: too few to
+    show an FMR of 1e-2 (with no false match the upper bound is 0.022)."""
+    code = cli.main(
+        [
+            "calibrate",
+            "--faces",
+            str(faces),
+            "--no-cache",
+            "--detection",
+            detection.address,
+            "--embedding",
+            embedding.address,
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 2
+    assert "impostor pairs cannot show an FMR of 0.01" in out
+    assert "label more people" in out
+
+
 # ---------------------------------------------------------------- LFW (lfw-dev)
 
 # The fixed subset: every 4th person folder (by name) of lfw-dev, 1,794 photos.
