@@ -6,15 +6,16 @@ import asyncio
 import itertools
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from facegrid.accountability import AuditDraft, Gatekeeper
 from facegrid.audit_chain import record_digest, verify_chain
+from facegrid.audit_log import AuditChainError, AuditLog
 from facegrid.auth import Credentials
 from facegrid.errors import ServiceError
 from facegrid.v1 import common_pb2, face_service_pb2
-from facegrid_gateway.accountability import AuditDraft, Gatekeeper
-from facegrid_gateway.audit import AuditChainError, AuditLog
 
 AuditRecord = face_service_pb2.AuditRecord
 
@@ -98,9 +99,44 @@ def test_a_tampered_log_is_refused_at_start(tmp_path: Path) -> None:
 def test_no_results_without_an_audit_record(tmp_path: Path) -> None:
     """If the record cannot be written, the call fails with UNAVAILABLE."""
     log = AuditLog(tmp_path / "audit.db")
-    gatekeeper = Gatekeeper(Credentials([]), log)
+    gatekeeper = Gatekeeper(Credentials([]), log, "facegrid.v1.FaceService")
     log.close()  # the log is gone: every write fails
     draft = AuditDraft(AuditRecord(principal="p", method="/m"))
     with pytest.raises(ServiceError) as raised:
         asyncio.run(gatekeeper._write(draft, grpc.StatusCode.OK))
     assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def _write_from_another_process(path: str, count: int, case_id: str, go: Any) -> None:
+    log = AuditLog(Path(path))
+    go.wait(60)  # a Barrier: both begin together
+    _append(log, count, case_id)
+    log.close()
+
+
+def test_two_writing_processes_never_fork_the_chain(tmp_path: Path) -> None:
+    """The gateway and the ingest service append to one log file: with two processes
+    appending at once, every record is kept and the chain stays one line."""
+    import multiprocessing
+
+    path = tmp_path / "audit.db"
+    AuditLog(path).close()
+    spawn = multiprocessing.get_context("spawn")
+    go = spawn.Barrier(2)
+    writers = [
+        spawn.Process(target=_write_from_another_process, args=(str(path), 150, f"C-{n}", go))
+        for n in range(2)
+    ]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+        assert writer.exitcode == 0
+    log = AuditLog(path)
+    page = asyncio.run(log.list(face_service_pb2.AuditRecordFilter(), 0, 1000))
+    log.close()
+    assert len(page.records) == 300
+    assert [r.sequence_number for r in page.records] == list(range(1, 301))
+    assert verify_chain(page.records).intact
+    cases = {r.context.case_id for r in page.records}
+    assert cases == {"C-0", "C-1"}

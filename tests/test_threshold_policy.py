@@ -15,9 +15,9 @@ import grpc
 import pytest
 from facegrid.config import GatewaySettings
 from facegrid.errors import ServiceError
+from facegrid.identification.policy import QualityPolicy, ThresholdPolicy
 from facegrid.similarity import load_calibration
 from facegrid.v1 import common_pb2, resources_pb2
-from facegrid_gateway.policy import QualityPolicy, ThresholdPolicy
 
 MODEL = "dlib_resnet_v1+mirror"
 Purpose = common_pb2.IdentificationContext.Purpose

@@ -229,7 +229,8 @@ class GatewaySettings(Section):
     )
     audit_path: Path = Field(
         Path("var/audit.db"),
-        description="The audit log (SQLite, hash-chained). The gateway is its only writer.",
+        description="The audit log (SQLite, hash-chained), appended to by the gateway and "
+        "the ingest service on one machine (one chain; never forked).",
     )
     min_similarity: float | None = Field(
         None,

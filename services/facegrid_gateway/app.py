@@ -15,6 +15,8 @@ from typing import Any, TypeAlias
 
 import grpc
 from facegrid import field_masks, names, paging
+from facegrid.accountability import AuditDraft, Gatekeeper, guarded
+from facegrid.audit_log import NAME_PREFIX, AuditLog
 from facegrid.auth import (
     SCOPE_ADMIN,
     SCOPE_AUDIT,
@@ -27,7 +29,12 @@ from facegrid.auth import (
     Credentials,
 )
 from facegrid.config import Settings
-from facegrid.errors import internal, invalid_argument, not_found
+from facegrid.errors import invalid_argument, not_found
+from facegrid.identification.deadline import Deadline
+from facegrid.identification.downstream import Downstream
+from facegrid.identification.faces import FacePipeline, cosines, without_chip
+from facegrid.identification.flow import Identifier
+from facegrid.identification.policy import QualityPolicy, ThresholdPolicy, check_requested
 from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
 from facegrid.v1 import (
     common_pb2,
@@ -39,16 +46,6 @@ from facegrid.v1 import (
 from google.protobuf.message import Message
 
 from facegrid_gateway import validation
-from facegrid_gateway.accountability import AuditDraft, Gatekeeper, guarded
-from facegrid_gateway.audit import NAME_PREFIX, AuditLog
-from facegrid_gateway.downstream import Downstream
-from facegrid_gateway.faces import FacePipeline, Probe, cosines, without_chip
-from facegrid_gateway.policy import (
-    QualityPolicy,
-    ThresholdDecision,
-    ThresholdPolicy,
-    check_requested,
-)
 
 log = logging.getLogger(__name__)
 
@@ -76,41 +73,20 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
     ) -> None:
         self._settings = settings
         self.gatekeeper = gatekeeper
-        self._downstream = downstream
         self._pipeline = pipeline
-        self._thresholds = ThresholdPolicy(settings.gateway)
+        self._flow = Identifier(downstream, pipeline, ThresholdPolicy(settings.gateway))
+        self._thresholds = self._flow.thresholds
 
     # ---------------------------------------------------------------- helpers
 
     async def _search_call(self, request: Message, context: Context, **renames: str) -> Any:
         """SearchService.<Method> for a SearchService<Method>Request; its response."""
-        method = type(request).__name__.removeprefix("SearchService").removesuffix("Request")
-        response = await self._downstream.call(
-            getattr(self._downstream.search, method), request, context, "search", renames or None
-        )
-        expected = getattr(S, f"SearchService{method}Response")
-        if not isinstance(response, expected):
-            raise internal(f"SearchService.{method} answered with {type(response).__name__}")
-        return response
-
-    @staticmethod
-    def _with_rates(
-        matches: list[resources_pb2.FaceMatch], decision: ThresholdDecision
-    ) -> list[resources_pb2.FaceMatch]:
-        """Each match with the false match rate measured at its cosine."""
-        for match in matches:
-            match.false_match_rate, match.false_match_rate_upper_bound = decision.rates_at(
-                match.cosine_similarity
-            )
-        return matches
+        return await self._flow.search_call(request, Deadline.of(context), **renames)
 
     async def _collection(
         self, name: str, context: Context, field: str
     ) -> resources_pb2.Collection:
-        response: S.SearchServiceGetCollectionResponse = await self._search_call(
-            S.SearchServiceGetCollectionRequest(name=name), context, name=field
-        )
-        return response.collection
+        return await self._flow.collection(name, Deadline.of(context), field)
 
     # ---------------------------------------------------------------- detection
 
@@ -121,7 +97,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         max_faces = validation.count(request.max_faces, "max_faces", MAX_DETECT_FACES, 100)
         detected = await self._pipeline.detect(
             request.image,
-            context,
+            Deadline.of(context),
             include_chips=False,
             max_faces=max_faces,
             min_confidence=request.min_confidence if request.HasField("min_confidence") else None,
@@ -144,7 +120,8 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         audit.context(request.context)
         audit.images(request.source_image, request.target_image)
         validation.identification_context(request.context)
-        model = await self._pipeline.model(context)
+        deadline = Deadline.of(context)
+        model = await self._pipeline.model(deadline)
         decision = self._thresholds.decide(
             model.version,
             request.context.purpose,
@@ -155,12 +132,12 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         level = self._pipeline.quality.level(request.quality_filter)
         source, target = await asyncio.gather(
             self._pipeline.probe(
-                request.source_image, request.quality_filter, context, "source_image"
+                request.source_image, request.quality_filter, deadline, "source_image"
             ),
-            self._pipeline.detect(request.target_image, context, "target_image"),
+            self._pipeline.detect(request.target_image, deadline, "target_image"),
         )
         usable = [f for f in target.faces if not self._pipeline.quality.reasons(f, level)]
-        embeddings, _ = await self._pipeline.embed(usable, context)
+        embeddings, _ = await self._pipeline.embed(usable, deadline)
         scores = cosines(source.embedding, embeddings)
         matches: list[F.CompareFacesMatch] = []
         unmatched = [without_chip(f) for f in target.faces if f not in usable]
@@ -207,7 +184,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         self, request: F.CreateCollectionRequest, context: Context, audit: AuditDraft
     ) -> F.CreateCollectionResponse:
         audit.collection(f"collections/{request.collection_id}")
-        model = await self._pipeline.model(context)
+        model = await self._pipeline.model(Deadline.of(context))
         given = request.collection
         collection = resources_pb2.Collection(
             display_name=given.display_name,
@@ -330,7 +307,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             await self._collection(request.parent, context, "parent")
         detected = await self._pipeline.detect(
             request.image,
-            context,
+            Deadline.of(context),
             min_face_size=request.min_face_size if request.HasField("min_face_size") else None,
         )
         chosen: list[common_pb2.FaceDetail] = []
@@ -343,7 +320,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
                 unindexed.append(F.UnindexedFace(face_detail=without_chip(face), reasons=reasons))
             else:
                 chosen.append(face)
-        embeddings, model_version = await self._pipeline.embed(chosen, context)
+        embeddings, model_version = await self._pipeline.embed(chosen, Deadline.of(context))
         image_digest = hashlib.sha256(request.image).hexdigest()
         image_id = _derived_id(request_uuid, request.parent, image_digest, "image")
         faces = []
@@ -463,13 +440,13 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             collection,
         )
         audit.threshold(decision.message)
-        matches = await self._search(
+        [matches] = await self._flow.search(
             parent,
-            stored.embedding,
+            [stored.embedding],
             stored.model_version,
             min(max_faces + 1, MAX_MATCHES),
             decision,
-            context,
+            Deadline.of(context),
         )
         matches = [m for m in matches if m.face.name != request.face][:max_faces]
         threshold = decision.with_compared(int(collection.face_count) - 1)
@@ -491,30 +468,6 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             [m.false_match_rate for m in matches],
         )
 
-    async def _search(
-        self,
-        parent: str,
-        embedding: common_pb2.Embedding,
-        model_version: str,
-        top_k: int,
-        decision: ThresholdDecision,
-        context: Context,
-        group_by_subject: bool = False,
-    ) -> list[resources_pb2.FaceMatch]:
-        query = common_pb2.Embedding(values=embedding.values)
-        response: S.SearchServiceSearchFacesResponse = await self._search_call(
-            S.SearchServiceSearchFacesRequest(
-                parent=parent,
-                queries=[query],
-                model_version=model_version,
-                top_k=top_k,
-                min_similarity=decision.applied,
-                group_by_subject=group_by_subject,
-            ),
-            context,
-        )
-        return self._with_rates(list(response.results[0].matches), decision)
-
     @guarded(SCOPE_SEARCH, audited=True)
     async def SearchFacesByImage(  # noqa: N802
         self, request: F.SearchFacesByImageRequest, context: Context, audit: AuditDraft
@@ -525,13 +478,19 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         validation.identification_context(request.context)
         names.parse_collection(request.parent, "parent")
         max_faces = validation.count(request.max_faces, "max_faces", MAX_MATCHES, DEFAULT_MATCHES)
-        probe, collection, decision = await self._probe_in(
-            request, context, audit, "face_match_threshold"
+        probe, searched = await self._flow.identify_image(
+            request.image,
+            request.quality_filter,
+            request.parent,
+            request.context.purpose,
+            request.face_match_threshold if request.HasField("face_match_threshold") else None,
+            "face_match_threshold",
+            max_faces,
+            Deadline.of(context),
+            audit.threshold,
         )
-        matches = await self._search(
-            request.parent, probe.embedding, probe.model_version, max_faces, decision, context
-        )
-        threshold = decision.with_compared(int(collection.face_count))
+        matches = searched.matches
+        threshold = searched.threshold()
         audit.threshold(threshold)
         audit.model_version(probe.model_version)
         self._audit_matches(audit, matches)
@@ -542,35 +501,6 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             threshold=threshold,
             model_version=probe.model_version,
         )
-
-    async def _probe_in(
-        self,
-        request: F.SearchFacesByImageRequest | F.SearchSubjectsByImageRequest,
-        context: Context,
-        audit: AuditDraft,
-        threshold_field: str,
-    ) -> tuple[Probe, resources_pb2.Collection, ThresholdDecision]:
-        """The image's probe face, found while the collection is read and the threshold
-        decided on it (written to the audit draft before the probe can fail)."""
-        requested = getattr(request, threshold_field) if request.HasField(threshold_field) else None
-        check_requested(requested, threshold_field)
-        probing = asyncio.ensure_future(
-            self._pipeline.probe(request.image, request.quality_filter, context)
-        )
-        try:
-            collection = await self._collection(request.parent, context, "parent")
-            decision = self._thresholds.decide(
-                collection.model_version,
-                request.context.purpose,
-                requested,
-                threshold_field,
-                collection,
-            )
-            audit.threshold(decision.message)
-        except BaseException:
-            probing.cancel()
-            raise
-        return await probing, collection, decision
 
     # ---------------------------------------------------------------- subjects
 
@@ -670,18 +600,23 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         max_subjects = validation.count(
             request.max_subjects, "max_subjects", MAX_SUBJECT_MATCHES, DEFAULT_MATCHES
         )
-        probe, collection, decision = await self._probe_in(
-            request, context, audit, "subject_match_threshold"
-        )
-        matches = await self._search(
+        probe, searched = await self._flow.identify_image(
+            request.image,
+            request.quality_filter,
             request.parent,
-            probe.embedding,
-            probe.model_version,
+            request.context.purpose,
+            (
+                request.subject_match_threshold
+                if request.HasField("subject_match_threshold")
+                else None
+            ),
+            "subject_match_threshold",
             max_subjects,
-            decision,
-            context,
+            Deadline.of(context),
+            audit.threshold,
             group_by_subject=True,
         )
+        matches, decision = searched.matches, searched.decision
         subjects = await asyncio.gather(
             *(
                 self._search_call(
@@ -703,7 +638,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             )
             for found, match in zip(subjects, matches, strict=True)
         ]
-        threshold = decision.with_compared(int(collection.face_count))
+        threshold = searched.threshold()
         audit.threshold(threshold)
         audit.model_version(probe.model_version)
         audit.results(
@@ -767,9 +702,16 @@ async def serve(settings: Settings) -> None:
         )
     ThresholdPolicy(gateway)  # refuses a misconfigured policy before serving
     audit_log = AuditLog(gateway.audit_path)
-    downstream = Downstream(settings)
+    downstream = Downstream(
+        detection_address=gateway.detection_address,
+        embedding_address=gateway.embedding_address,
+        search_address=gateway.search_address,
+        timeout_s=gateway.downstream_timeout_s,
+        max_message_bytes=settings.server.max_message_bytes,
+    )
     pipeline = FacePipeline(downstream, QualityPolicy(gateway))
-    servicer = FaceServicer(settings, Gatekeeper(credentials, audit_log), downstream, pipeline)
+    gatekeeper = Gatekeeper(credentials, audit_log, "facegrid.v1.FaceService")
+    servicer = FaceServicer(settings, gatekeeper, downstream, pipeline)
     server = FacegridServer(
         "gateway",
         [

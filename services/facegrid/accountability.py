@@ -1,4 +1,4 @@
-"""Authentication, scopes and audit around every FaceService call.
+"""Authentication, scopes and audit around every public call (gateway and ingest).
 
 Each public method is declared with the scope it needs and whether it is audited.
 The wrapper authenticates the bearer token (UNAUTHENTICATED), checks the scope
@@ -17,20 +17,19 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
-from facegrid import telemetry
-from facegrid.auth import AUTHORIZATION_HEADER, BEARER_PREFIX, Credentials, Principal
-from facegrid.errors import ServiceError, internal, unavailable
-from facegrid.metrics import AUDIT_RECORDS
-from facegrid.v1 import common_pb2, face_service_pb2
 from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.rpc import error_details_pb2
 
-from facegrid_gateway.audit import AuditLog
+from facegrid import telemetry
+from facegrid.audit_log import AuditLog
+from facegrid.auth import AUTHORIZATION_HEADER, BEARER_PREFIX, Credentials, Principal
+from facegrid.errors import ServiceError, internal, unavailable
+from facegrid.metrics import AUDIT_RECORDS
+from facegrid.v1 import common_pb2, face_service_pb2
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "facegrid.v1.FaceService"
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 
@@ -87,9 +86,10 @@ Method = Callable[[Any, Any, grpc.aio.ServicerContext, AuditDraft], Awaitable[An
 class Gatekeeper:
     """Authenticates callers, checks scopes and writes audit records."""
 
-    def __init__(self, credentials: Credentials, audit_log: AuditLog) -> None:
+    def __init__(self, credentials: Credentials, audit_log: AuditLog, service_name: str) -> None:
         self.credentials = credentials
         self.audit_log = audit_log
+        self.service_name = service_name  # e.g. facegrid.v1.FaceService, for record methods
 
     def authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
         for key, value in context.invocation_metadata() or ():
@@ -122,7 +122,7 @@ class Gatekeeper:
             face_service_pb2.AuditRecord(
                 create_time=received,
                 principal=principal.name,
-                method=f"/{SERVICE_NAME}/{method_name}",
+                method=f"/{self.service_name}/{method_name}",
                 client_address=context.peer() or "",
                 trace_id=telemetry.current_trace_id(),
             )

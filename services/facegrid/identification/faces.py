@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
-from facegrid.config import QualityLevel
-from facegrid.errors import failed_precondition, invalid_argument
-from facegrid.similarity import Calibration, load_calibration
-from facegrid.v1 import common_pb2, detection_pb2, embedding_pb2
 from numpy.typing import NDArray
 
-from facegrid_gateway.downstream import Downstream
-from facegrid_gateway.policy import QualityPolicy
+from facegrid.config import QualityLevel
+from facegrid.errors import failed_precondition, invalid_argument
+from facegrid.identification.deadline import Deadline
+from facegrid.identification.downstream import Downstream
+from facegrid.identification.policy import QualityPolicy
+from facegrid.similarity import Calibration, load_calibration
+from facegrid.v1 import common_pb2, detection_pb2, embedding_pb2
 
 MAX_DETECTED_FACES = 100
 MIN_FACE_SIZE = 20  # the detector's smallest (at its largest enlargement)
@@ -63,14 +63,14 @@ class FacePipeline:
         self._model: ModelInfo | None = None
         self._model_lock = asyncio.Lock()
 
-    async def model(self, context: grpc.aio.ServicerContext) -> ModelInfo:
+    async def model(self, deadline: Deadline) -> ModelInfo:
         """The embedding model's version and calibration, asked once and then kept."""
         async with self._model_lock:
             if self._model is None:
                 info = await self._downstream.call(
                     self._downstream.embedding.GetModelInfo,
                     embedding_pb2.EmbeddingServiceGetModelInfoRequest(),
-                    context,
+                    deadline,
                     "embedding",
                 )
                 record = load_calibration(info.model_version)
@@ -91,7 +91,7 @@ class FacePipeline:
     async def detect(
         self,
         image: bytes,
-        context: grpc.aio.ServicerContext,
+        deadline: Deadline,
         field: str = "image",
         include_chips: bool = True,
         max_faces: int = MAX_DETECTED_FACES,
@@ -112,21 +112,21 @@ class FacePipeline:
         response = await self._downstream.call(
             self._downstream.detection.DetectFaces,
             request,
-            context,
+            deadline,
             "detection",
             renames={"image": field},
         )
         return Detected(response)
 
     async def embed(
-        self, faces: list[common_pb2.FaceDetail], context: grpc.aio.ServicerContext
+        self, faces: list[common_pb2.FaceDetail], deadline: Deadline
     ) -> tuple[list[common_pb2.Embedding], str]:
         if not faces:
             return [], ""
         response = await self._downstream.call(
             self._downstream.embedding.EmbedChips,
             embedding_pb2.EmbeddingServiceEmbedChipsRequest(chips=[f.chip for f in faces]),
-            context,
+            deadline,
             "embedding",
         )
         return list(response.embeddings), response.model_version
@@ -135,18 +135,18 @@ class FacePipeline:
         self,
         image: bytes,
         quality_filter: int,
-        context: grpc.aio.ServicerContext,
+        deadline: Deadline,
         field: str = "image",
     ) -> Probe:
         """The largest face, which must pass the quality filter and the probe minimum; a
         smaller one never stands in."""
         level = self.quality.level(quality_filter)
-        detected = await self.detect(image, context, field)
+        detected = await self.detect(image, deadline, field)
         if not detected.faces:
             raise invalid_argument(field, "no face was found in the image", reason="NO_FACE")
         largest = detected.faces[0]
         self.check_probe_quality(largest, level, field)
-        embeddings, version = await self.embed([largest], context)
+        embeddings, version = await self.embed([largest], deadline)
         return Probe(without_chip(largest), embeddings[0], version, len(detected.faces))
 
     def check_probe_quality(

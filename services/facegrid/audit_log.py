@@ -1,12 +1,17 @@
 """The audit log: an append-only, hash-chained record of every accountable call.
 
-Records live in a SQLite file written only by the gateway. Each record's hash is the
+Records live in one SQLite file that the gateway and the ingest service append to
+(several processes on one machine): each append reads the tail and inserts the next
+record inside one ``BEGIN IMMEDIATE`` transaction, which holds SQLite's write lock
+across processes, so two writers never chain onto the same record; the primary key on
+``sequence_number`` would refuse a fork even if they did. Each record's hash is the
 SHA-256 of its deterministic protobuf serialisation with ``record_hash`` empty, and
 covers the previous record's hash (see AuditRecord in face_service.proto), so an
 edited or removed record breaks the chain for anyone who verifies it
 (``facegrid audit verify``). Triggers refuse UPDATE and DELETE, so the gateway (or an
 operator's slip) cannot change a record through SQLite either. Writes are durable
-(``synchronous=FULL``) before the call's results are returned.
+(``synchronous=FULL``) before the call's results are returned. Several replicas on
+several machines need a shared database server instead: not done yet.
 """
 
 from __future__ import annotations
@@ -61,12 +66,18 @@ class Page:
     more: bool
 
 
+# How long an append waits for another process's write lock before failing.
+_BUSY_TIMEOUT_S = 10.0
+
+
 class AuditLog:
-    """Appends records in order (one writer) and reads them back by filter."""
+    """Appends records in order (writers in several processes) and reads them back."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            path, check_same_thread=False, isolation_level=None, timeout=_BUSY_TIMEOUT_S
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
@@ -99,33 +110,44 @@ class AuditLog:
 
     def _append(self, draft: AuditRecord) -> AuditRecord:
         with self._thread_lock:
-            last = self._db.execute(
-                "SELECT sequence_number, record_hash FROM audit_records "
-                "ORDER BY sequence_number DESC LIMIT 1"
-            ).fetchone()
-            record = AuditRecord()
-            record.CopyFrom(draft)
-            record_id = str(uuid.uuid4())
-            record.name = NAME_PREFIX + record_id
-            record.sequence_number = 1 if last is None else int(last[0]) + 1
-            record.previous_record_hash = b"" if last is None else bytes(last[1])
-            record.record_hash = record_digest(record)
-            self._db.execute(
-                "INSERT INTO audit_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.sequence_number,
-                    record_id,
-                    record.create_time.ToMicroseconds(),
-                    record.principal,
-                    record.method,
-                    record.context.case_id,
-                    int(record.context.purpose),
-                    record.collection,
-                    record.SerializeToString(deterministic=True),
-                    record.record_hash,
-                ),
-            )
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                record = self._chain_and_insert(draft)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
             return record
+
+    def _chain_and_insert(self, draft: AuditRecord) -> AuditRecord:
+        """Within the write transaction: the next record after the current tail."""
+        last = self._db.execute(
+            "SELECT sequence_number, record_hash FROM audit_records "
+            "ORDER BY sequence_number DESC LIMIT 1"
+        ).fetchone()
+        record = AuditRecord()
+        record.CopyFrom(draft)
+        record_id = str(uuid.uuid4())
+        record.name = NAME_PREFIX + record_id
+        record.sequence_number = 1 if last is None else int(last[0]) + 1
+        record.previous_record_hash = b"" if last is None else bytes(last[1])
+        record.record_hash = record_digest(record)
+        self._db.execute(
+            "INSERT INTO audit_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.sequence_number,
+                record_id,
+                record.create_time.ToMicroseconds(),
+                record.principal,
+                record.method,
+                record.context.case_id,
+                int(record.context.purpose),
+                record.collection,
+                record.SerializeToString(deterministic=True),
+                record.record_hash,
+            ),
+        )
+        return record
 
     async def get(self, record_id: str) -> AuditRecord | None:
         return await asyncio.to_thread(self._get, record_id)

@@ -1,9 +1,10 @@
-"""The gateway's calls to detection, embedding and search: channels, deadlines, retries.
+"""Calls to detection, embedding and search: channels, deadlines, retries.
 
-Every call gets the smaller of the configured downstream deadline and what is left of
-the caller's own deadline. Only idempotent methods are retried (on UNAVAILABLE, by
-gRPC's retry policy). Errors come back to the caller with their rich details, field
-names translated to the caller's request where they differ.
+Used by the gateway and the ingest service. Every call gets the smaller of the
+configured downstream deadline and what is left of the caller's :class:`Deadline`.
+Only idempotent methods are retried (on UNAVAILABLE, by gRPC's retry policy). Errors
+come back to the caller with their rich details, field names translated to the
+caller's request where they differ.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
-from facegrid.config import Settings
+
 from facegrid.errors import relay, unavailable
+from facegrid.identification.deadline import Deadline
 from facegrid.telemetry import grpc_client_interceptors
 from facegrid.v1 import (
     detection_pb2_grpc,
@@ -64,10 +66,17 @@ def _service_config(names: list[dict[str, str]]) -> str:
 class Downstream:
     """Stubs of the three services the gateway orchestrates, on long-lived channels."""
 
-    def __init__(self, settings: Settings) -> None:
-        gateway = settings.gateway
-        self._timeout_s = gateway.downstream_timeout_s
-        size = settings.server.max_message_bytes
+    def __init__(
+        self,
+        *,
+        detection_address: str,
+        embedding_address: str,
+        search_address: str,
+        timeout_s: float,
+        max_message_bytes: int,
+    ) -> None:
+        self._timeout_s = timeout_s
+        size = max_message_bytes
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
@@ -88,9 +97,9 @@ class Downstream:
             ],
         }
         addresses = {
-            "detection": gateway.detection_address,
-            "embedding": gateway.embedding_address,
-            "search": gateway.search_address,
+            "detection": detection_address,
+            "embedding": embedding_address,
+            "search": search_address,
         }
         self._channels = [
             grpc.aio.insecure_channel(
@@ -108,15 +117,13 @@ class Downstream:
         self,
         method: Callable[..., Awaitable[Response]],
         request: Any,
-        caller: grpc.aio.ServicerContext,
+        deadline: Deadline,
         service: str,
         renames: Mapping[str, str] | None = None,
     ) -> Response:
         """Call one downstream method within the caller's deadline; relay its errors."""
-        remaining = caller.time_remaining()
-        timeout = self._timeout_s if remaining is None else min(self._timeout_s, remaining)
         try:
-            return await method(request, timeout=max(timeout, 0.001))
+            return await method(request, timeout=deadline.timeout(self._timeout_s))
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.UNAVAILABLE:
                 raise unavailable(

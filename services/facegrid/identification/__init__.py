@@ -1,0 +1,1 @@
+"""The identification flow shared by the gateway and the ingest service."""
