@@ -1,0 +1,1 @@
+"""The ingest service: watch-lists over many video sources (IngestService)."""
