@@ -13,7 +13,7 @@ PROTO_FILES := $(wildcard protos/facegrid/v1/*.proto)
 GEN_DIR := services/facegrid/v1
 PYTEST_ARGS ?=
 
-.PHONY: all up test lint protos models venv triton-venv milvus-venv bench-venv bench-gateway clean buf-lint format
+.PHONY: all up test lint protos models venv triton-venv milvus-venv bench-venv bench-gateway clean buf-lint format system-packages
 
 all: venv protos models
 
@@ -80,7 +80,15 @@ format: venv
 	$(BIN)/ruff format services tests loadtest
 	$(BIN)/ruff check --fix services tests loadtest
 
-test: venv triton-venv milvus-venv protos models lint
+# Debian's rtsp-server-perl: the real RTSP server of the ingest tests. Installed when
+# missing and we may (root with apt-get); otherwise those tests skip, saying so.
+system-packages:
+	@command -v rtsp-server-perl >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get install -y -q rtsp-server-perl >/dev/null 2>&1 && echo "installed rtsp-server-perl"; } || \
+	echo "rtsp-server-perl is missing: the RTSP tests will skip (apt-get install rtsp-server-perl)"
+
+test: venv triton-venv milvus-venv protos models system-packages lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

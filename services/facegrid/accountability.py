@@ -39,6 +39,7 @@ class AuditDraft:
 
     def __init__(self, record: face_service_pb2.AuditRecord) -> None:
         self.record = record
+        self.scopes: frozenset[str] = frozenset()  # the caller's, once authenticated
 
     def context(self, context: common_pb2.IdentificationContext) -> None:
         self.record.context.CopyFrom(context)
@@ -105,16 +106,8 @@ class Gatekeeper:
             [error_details_pb2.ErrorInfo(reason="UNAUTHENTICATED", domain="facegrid.dev")],
         )
 
-    async def run(
-        self,
-        method_name: str,
-        scope: str,
-        audited: bool,
-        method: Method,
-        servicer: Any,
-        request: Any,
-        context: grpc.aio.ServicerContext,
-    ) -> Any:
+    def _draft(self, method_name: str, context: grpc.aio.ServicerContext) -> AuditDraft:
+        """Authenticate the caller; the audit record of this call, to fill in."""
         received = timestamp_pb2.Timestamp()
         received.GetCurrentTime()
         principal = self.authenticate(context)
@@ -127,19 +120,56 @@ class Gatekeeper:
                 trace_id=telemetry.current_trace_id(),
             )
         )
+        draft.scopes = principal.scopes
+        return draft
+
+    @staticmethod
+    def _check_scope(draft: AuditDraft, method_name: str, scope: str) -> None:
+        if scope not in draft.scopes:
+            raise ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method_name} needs the scope {scope!r}",
+                [
+                    error_details_pb2.ErrorInfo(
+                        reason="MISSING_SCOPE",
+                        domain="facegrid.dev",
+                        metadata={"scope": scope},
+                    )
+                ],
+            )
+
+    async def admit(
+        self, method_name: str, scope: str, context: grpc.aio.ServicerContext
+    ) -> AuditDraft:
+        """For streaming methods, which cannot be wrapped by :func:`guarded`: authenticate
+        and check the scope (a refusal is audited); the caller fills in the draft and
+        writes it with :meth:`write` before it streams anything."""
+        draft = self._draft(method_name, context)
         try:
-            if scope not in principal.scopes:
-                raise ServiceError(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"{method_name} needs the scope {scope!r}",
-                    [
-                        error_details_pb2.ErrorInfo(
-                            reason="MISSING_SCOPE",
-                            domain="facegrid.dev",
-                            metadata={"scope": scope},
-                        )
-                    ],
-                )
+            self._check_scope(draft, method_name, scope)
+        except ServiceError as error:
+            await self._write(draft, error.code)
+            raise
+        return draft
+
+    async def write(
+        self, draft: AuditDraft, code: grpc.StatusCode = grpc.StatusCode.OK
+    ) -> face_service_pb2.AuditRecord:
+        return await self._write(draft, code)
+
+    async def run(
+        self,
+        method_name: str,
+        scope: str,
+        audited: bool,
+        method: Method,
+        servicer: Any,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+    ) -> Any:
+        draft = self._draft(method_name, context)
+        try:
+            self._check_scope(draft, method_name, scope)
             response = await method(servicer, request, context, draft)
         except ServiceError as error:
             if audited:

@@ -31,6 +31,9 @@ SCOPE_ENROL = "facegrid.enrol"
 SCOPE_DELETE = "facegrid.delete"
 SCOPE_ADMIN = "facegrid.admin"
 SCOPE_AUDIT = "facegrid.audit"
+SCOPE_INGEST_ADMIN = "facegrid.ingest.admin"
+SCOPE_INGEST_PUSH = "facegrid.ingest.push"
+SCOPE_INGEST_WATCH = "facegrid.ingest.watch"
 ALL_SCOPES = (
     SCOPE_DETECT,
     SCOPE_COMPARE,
@@ -40,6 +43,9 @@ ALL_SCOPES = (
     SCOPE_DELETE,
     SCOPE_ADMIN,
     SCOPE_AUDIT,
+    SCOPE_INGEST_ADMIN,
+    SCOPE_INGEST_PUSH,
+    SCOPE_INGEST_WATCH,
 )
 
 LOCAL_ADMIN = "local-admin"

@@ -9,6 +9,7 @@ one-machine configuration: in-process onnxruntime and local files.
 from __future__ import annotations
 
 import argparse
+import json
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -299,6 +300,74 @@ class GatewaySettings(Section):
     )
 
 
+class IngestSettings(Section):
+    port: int = Field(50054, ge=0, le=65535, description="gRPC port of the ingest service.")
+    metrics_port: int = Field(
+        9154, ge=0, le=65535, description="HTTP port of its Prometheus /metrics (0: off)."
+    )
+    detection_address: str = Field(
+        "127.0.0.1:50051", description="host:port of the detection service."
+    )
+    embedding_address: str = Field(
+        "127.0.0.1:50052", description="host:port of the embedding service."
+    )
+    search_address: str = Field("127.0.0.1:50053", description="host:port of the search service.")
+    downstream_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline of one call to detection, embedding or search."
+    )
+    max_concurrent_rpcs: int = Field(
+        64, gt=0, description="Calls served at once; more get RESOURCE_EXHAUSTED."
+    )
+    nats_url: str = Field(
+        "nats://127.0.0.1:4222",
+        description="NATS server with JetStream: match events, processors, source leases.",
+    )
+    replica_id: str = Field(
+        "",
+        description="This replica's name in source leases; empty: host name and process id.",
+    )
+    lease_s: float = Field(
+        10.0,
+        ge=1,
+        le=300,
+        description="How long a replica holds a source without renewing it: a replica "
+        "killed without handing over loses its sources to the others after this.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts a pull URL may name: names, *.suffix patterns, CIDR ranges, or "
+        '"*" for any. Empty: no network source (PERMISSION_DENIED).',
+    )
+    allowed_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Folders a file:// source may read from. Empty: no file source.",
+    )
+    max_processors: int = Field(256, gt=0, description="Most stream processors.")
+    max_sources_per_replica: int = Field(
+        64, gt=0, description="Most sources one replica reads at once; others wait for a replica."
+    )
+    max_batch_frames: int = Field(
+        8, gt=0, description="Most sampled frames (of all sources) processed as one batch."
+    )
+    max_batch_wait_s: float = Field(
+        0.05, ge=0, description="How long a batch waits for more frames once it has one."
+    )
+    max_frame_bytes: int = Field(
+        4 * 1024 * 1024, gt=0, description="Largest pushed frame, encoded, in bytes."
+    )
+    event_max_age_s: float = Field(
+        30 * 24 * 3600.0,
+        gt=0,
+        description="Match events (with their best-shot chips) are deleted after this.",
+    )
+    event_max_bytes: int = Field(
+        10 * 1024**3, gt=0, description="The event stream's size limit; oldest deleted first."
+    )
+    event_replicas: int = Field(
+        1, ge=1, le=5, description="JetStream replicas of the event stream (a NATS cluster)."
+    )
+
+
 class ServerSettings(Section):
     host: str = Field("127.0.0.1", description="Address the gRPC servers bind to.")
     grace_period_s: float = Field(
@@ -336,6 +405,7 @@ class Settings(BaseSettings):
     search: SearchSettings = SearchSettings()
     store: StoreSettings = StoreSettings()
     gateway: GatewaySettings = GatewaySettings()
+    ingest: IngestSettings = IngestSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -379,7 +449,10 @@ def add_overrides_argument(parser: argparse.ArgumentParser, help_text: str = "")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """Turn ``["inference.backend=triton", ...]`` into a nested dict for Settings(**...)."""
+    """Turn ``["inference.backend=triton", ...]`` into a nested dict for Settings(**...).
+
+    A value that starts with ``[`` or ``{`` is JSON, as in environment variables, for
+    list and mapping settings: ``ingest.allowed_hosts=["10.0.0.0/8"]``."""
     nested: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -389,6 +462,13 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
+        text = value.strip()
+        if text[:1] in ("[", "{"):
+            try:
+                node[leaf] = json.loads(text)
+                continue
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{key}: not valid JSON: {error}") from None
         node[leaf] = value
     return nested
 

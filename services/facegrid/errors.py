@@ -95,6 +95,24 @@ def unavailable(description: str, reason: str, retry_after_ms: int = 0) -> Servi
     return ServiceError(grpc.StatusCode.UNAVAILABLE, description, details)
 
 
+def permission_denied(field: str, description: str, reason: str) -> ServiceError:
+    """PERMISSION_DENIED by the administrator's policy (not a missing scope), naming the
+    request field and a machine-readable reason; ``field`` goes into ErrorInfo metadata."""
+    info = error_details_pb2.ErrorInfo(
+        reason=reason.upper(), domain=ERROR_DOMAIN, metadata={"field": field}
+    )
+    return ServiceError(grpc.StatusCode.PERMISSION_DENIED, description, [info])
+
+
+def out_of_range(field: str, description: str) -> ServiceError:
+    violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+    return ServiceError(
+        grpc.StatusCode.OUT_OF_RANGE,
+        description,
+        [error_details_pb2.BadRequest(field_violations=[violation])],
+    )
+
+
 def deadline_exceeded(description: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, description)
 

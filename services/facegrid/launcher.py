@@ -30,14 +30,15 @@ SERVICES = {
     "embedding": "facegrid_embedding.app",
     "search": "facegrid_search.app",
     "gateway": "facegrid_gateway.app",
+    "ingest": "facegrid_ingest.app",
 }
 # Order of `facegrid up`: dependencies first.
 UP_ORDER = ("detection", "embedding", "search", "gateway")
-# The gateway's setting that names each service it calls.
-GATEWAY_DEPENDENCIES = {
-    "detection": "gateway.detection_address",
-    "embedding": "gateway.embedding_address",
-    "search": "gateway.search_address",
+# The setting (of the gateway and of ingest) that names each service they call.
+CALLED_SERVICES = {
+    "detection": "detection_address",
+    "embedding": "embedding_address",
+    "search": "search_address",
 }
 HEALTH_TIMEOUT_S = 120.0
 
@@ -124,11 +125,13 @@ class ServiceGroup:
         port: int | None = None,
         instance: str | None = None,
         metrics_port: int | None = None,
+        extra: Sequence[str] = (),
     ) -> RunningService:
         """Start one service (on its configured ports, or ``port``; 0: free ones).
 
         ``instance`` names a further instance of the same service (e.g. "embedding-2");
         a gateway started afterwards balances over all instances of each service.
+        ``extra``: settings of this instance only.
         """
         key = instance or name
         if port == 0:
@@ -139,12 +142,12 @@ class ServiceGroup:
         if metrics_port is None:
             metrics_port = getattr(self.settings, name).metrics_port
         command = [sys.executable, "-m", "facegrid.cli", "serve", name, "--port", str(port)]
-        overrides = [*self.overrides, f"{name}.metrics_port={metrics_port}"]
-        if name == "gateway":
-            # The gateway calls the services of this group where they really listen.
+        overrides = [*self.overrides, *extra, f"{name}.metrics_port={metrics_port}"]
+        if name in ("gateway", "ingest"):
+            # They call the services of this group where they really listen.
             overrides += [
-                f"{setting}={self._target(dependency)}"
-                for dependency, setting in GATEWAY_DEPENDENCIES.items()
+                f"{name}.{setting}={self._target(dependency)}"
+                for dependency, setting in CALLED_SERVICES.items()
                 if self._target(dependency)
             ]
         for override in overrides:

@@ -61,6 +61,43 @@ AUDIT_RECORDS = Counter(
     ["method", "code"],
 )
 
+# The ingest service, per source (processor and source ids, never people).
+INGEST_FRAMES = Counter(
+    "facegrid_ingest_frames",
+    "Frames of a video source: received, sampled, dropped (pipeline behind), rejected.",
+    ["processor", "source", "outcome"],
+)
+INGEST_RECONNECTS = Counter(
+    "facegrid_ingest_reconnects", "Reconnections of a pull source.", ["processor", "source"]
+)
+INGEST_TRACKS = Counter("facegrid_ingest_tracks", "Face tracks begun.", ["processor", "source"])
+INGEST_EVENTS = Counter("facegrid_ingest_events", "Match events stored.", ["processor", "source"])
+INGEST_SUPPRESSED = Counter(
+    "facegrid_ingest_suppressed_repeats",
+    "Repeat matches within the suppression window that made no event.",
+    ["processor", "source"],
+)
+INGEST_LEASE_OWNER = Gauge(
+    "facegrid_ingest_lease_owner",
+    "1 while this replica holds the source's lease.",
+    ["processor", "source"],
+)
+INGEST_LEASES_LOST = Counter(
+    "facegrid_ingest_leases_lost", "Source leases this replica lost without handing over."
+)
+INGEST_EVENT_LATENCY = Histogram(
+    "facegrid_ingest_capture_to_event_seconds",
+    "From the capture of an event's best shot to the event being stored.",
+    buckets=_LATENCY_BUCKETS,
+)
+INGEST_BATCH_FRAMES = Histogram(
+    "facegrid_ingest_batch_frames", "Sampled frames per batch.", buckets=_BATCH_BUCKETS
+)
+INGEST_CONSUMER_LAG = Gauge(
+    "facegrid_ingest_consumer_lag",
+    "Events stored but not yet sent to a subscriber, summed over open subscriptions.",
+)
+
 
 def serve_metrics(host: str, port: int) -> int:
     """Serve /metrics on ``host:port`` in a background thread (0: off); return the port."""

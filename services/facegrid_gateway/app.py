@@ -14,7 +14,7 @@ import uuid
 from typing import Any, TypeAlias
 
 import grpc
-from facegrid import field_masks, names, paging
+from facegrid import field_masks, names, paging, validation
 from facegrid.accountability import AuditDraft, Gatekeeper, guarded
 from facegrid.audit_log import NAME_PREFIX, AuditLog
 from facegrid.auth import (
@@ -44,8 +44,6 @@ from facegrid.v1 import (
     search_pb2,
 )
 from google.protobuf.message import Message
-
-from facegrid_gateway import validation
 
 log = logging.getLogger(__name__)
 

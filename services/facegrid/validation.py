@@ -1,13 +1,15 @@
-"""Checks of public request fields that the gateway owns (the rest the services check)."""
+"""Checks of public request fields that the public services (gateway, ingest) own; the
+internal services check the rest."""
 
 from __future__ import annotations
 
 import re
 import uuid
 
+from google.protobuf import json_format, struct_pb2
+
 from facegrid.errors import invalid_argument, invalid_arguments
 from facegrid.v1 import common_pb2
-from google.protobuf import json_format, struct_pb2
 
 Purpose = common_pb2.IdentificationContext.Purpose
 

@@ -1,0 +1,580 @@
+"""The ingest service end to end, with real parts: a real nats-server with JetStream,
+detection, embedding, search and the gateway as processes, ingest replicas as processes,
+the Hamilton clip read from file:// and pushed with PushFrames.
+
+With lin-manuel-miranda.png enrolled, the clip makes match events for him (right
+subject, threshold, model version, one per track), each audited and stored once; a
+gallery without him makes none; a subscriber resumes from its cursor with exactly what
+it missed; two replicas share the sources and a SIGKILLed one's move to the other.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import grpc
+import pytest
+from facegrid.audit_chain import verify_chain
+from facegrid.nats_server import NatsServer
+from facegrid.v1 import (
+    common_pb2,
+    face_service_pb2,
+    face_service_pb2_grpc,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    resources_pb2,
+)
+from google.protobuf import duration_pb2
+
+from tests.conftest import SHARED_DATA, Stack, inference_overrides, start_stack, stop_stack
+
+F = face_service_pb2
+I = ingest_pb2  # noqa: E741
+SP = I.StreamProcessor
+Purpose = common_pb2.IdentificationContext.Purpose
+CLIP = SHARED_DATA / "faces" / "video" / "short_hamilton_clip.mp4"
+MIRANDA = SHARED_DATA / "faces" / "misc" / "lin-manuel-miranda.png"
+OTHERS = [
+    SHARED_DATA / "faces" / "misc" / "alex-lacamoire.png",
+    SHARED_DATA / "faces" / "misc" / "obama.jpg",
+    SHARED_DATA / "faces" / "misc" / "biden.jpg",
+]
+CALL_TIMEOUT_S = 30.0
+LEASE_S = 3.0
+
+pytestmark = pytest.mark.skipif(not CLIP.is_file(), reason=f"test video not found ({CLIP})")
+
+
+@dataclass
+class IngestStack:
+    stack: Stack
+    nats: NatsServer
+    ingest: ingest_pb2_grpc.IngestServiceStub
+    faces: face_service_pb2_grpc.FaceServiceStub
+    channels: list[grpc.Channel]
+
+    def metadata(self) -> tuple[tuple[str, str]]:
+        return self.stack.metadata()
+
+    def start_ingest(self, instance: str, replica: str) -> Any:
+        return self.stack.group.start(
+            "ingest", port=0, instance=instance, extra=[f"ingest.replica_id={replica}"]
+        )
+
+
+@pytest.fixture(scope="module")
+def ingest_stack(
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[IngestStack]:
+    work = tmp_path_factory.mktemp("ingest")
+    with NatsServer(work / "nats") as nats:
+        stack = start_stack(
+            [
+                *inference_overrides("local", model_repo, None),
+                f"ingest.nats_url={nats.url}",
+                f"ingest.lease_s={LEASE_S}",
+                f'ingest.allowed_dirs=["{CLIP.parent.resolve()}"]',
+                'ingest.allowed_hosts=["127.0.0.1"]',
+            ],
+            work,
+        )
+        try:
+            service = stack.group.start(
+                "ingest",
+                port=0,
+                instance="ingest",
+                extra=["ingest.replica_id=replica-a", "server.log_level=DEBUG"],
+            )
+            channels = [
+                grpc.insecure_channel(service.address),
+                grpc.insecure_channel(stack.address),
+            ]
+            yield IngestStack(
+                stack,
+                nats,
+                ingest_pb2_grpc.IngestServiceStub(channels[0]),
+                face_service_pb2_grpc.FaceServiceStub(channels[1]),
+                channels,
+            )
+            for channel in channels:
+                channel.close()
+        finally:
+            stop_stack(stack)
+
+
+@pytest.fixture(scope="module")
+def watchlist(ingest_stack: IngestStack) -> str:
+    """A watch-list with him alone."""
+    return _enrol(ingest_stack, "watchlist", {"lin-manuel-miranda": MIRANDA})
+
+
+def _context(case: str = "CASE-INGEST") -> common_pb2.IdentificationContext:
+    return common_pb2.IdentificationContext(
+        purpose=Purpose.PURPOSE_WATCHLIST_MONITORING, case_id=case, justification="test"
+    )
+
+
+def _enrol(s: IngestStack, collection_id: str, people: dict[str, Path]) -> str:
+    md = s.metadata()
+    s.faces.CreateCollection(
+        F.CreateCollectionRequest(
+            collection_id=collection_id, collection=resources_pb2.Collection()
+        ),
+        metadata=md,
+        timeout=CALL_TIMEOUT_S,
+    )
+    parent = f"collections/{collection_id}"
+    for subject, photo in people.items():
+        s.faces.CreateSubject(
+            F.CreateSubjectRequest(
+                parent=parent, subject_id=subject, subject=resources_pb2.Subject()
+            ),
+            metadata=md,
+            timeout=CALL_TIMEOUT_S,
+        )
+        indexed = s.faces.IndexFaces(
+            F.IndexFacesRequest(parent=parent, image=photo.read_bytes(), subject_id=subject),
+            metadata=md,
+            timeout=CALL_TIMEOUT_S,
+        )
+        assert len(indexed.face_records) == 1, subject
+    return parent
+
+
+def _processor(collection: str, *sources: I.VideoSource, **fields: Any) -> SP:
+    return SP(
+        display_name="test",
+        sources=list(sources),
+        collection=collection,
+        context=_context(),
+        **fields,
+    )
+
+
+def _file_source(source_id: str = "cam-1") -> I.VideoSource:
+    return I.VideoSource(source_id=source_id, pull=I.PullSource(url=CLIP.resolve().as_uri()))
+
+
+def _collect(
+    s: IngestStack, request: I.StreamMatchEventsRequest, events: list[I.MatchEvent]
+) -> tuple[threading.Thread, Any]:
+    call = s.ingest.StreamMatchEvents(request, metadata=s.metadata(), timeout=300)
+
+    def read() -> None:
+        try:
+            for message in call:
+                if message.HasField("event"):
+                    events.append(message.event)
+        except grpc.RpcError:
+            pass
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread, call
+
+
+def _wait_state(s: IngestStack, name: str, states: set[int], timeout_s: float = 60) -> SP:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = s.ingest.GetStreamProcessor(
+            I.GetStreamProcessorRequest(name=name), metadata=s.metadata(), timeout=CALL_TIMEOUT_S
+        ).stream_processor
+        if {src.state for src in got.sources} <= states:
+            return got
+        assert time.monotonic() < deadline, got
+        time.sleep(0.5)
+
+
+def _run_clip(s: IngestStack, processor_id: str, collection: str) -> list[I.MatchEvent]:
+    """Create, start, play the clip to its end; the events it made."""
+    md = s.metadata()
+    created = s.ingest.CreateStreamProcessor(
+        I.CreateStreamProcessorRequest(
+            stream_processor_id=processor_id,
+            stream_processor=_processor(collection, _file_source()),
+        ),
+        metadata=md,
+        timeout=CALL_TIMEOUT_S,
+    ).stream_processor
+    assert created.state == SP.STATE_STOPPED
+    name = created.name
+    events: list[I.MatchEvent] = []
+    thread, call = _collect(
+        s,
+        I.StreamMatchEventsRequest(
+            stream_processor=name, start_position=I.StreamMatchEventsRequest.START_POSITION_EARLIEST
+        ),
+        events,
+    )
+    started = s.ingest.StartStreamProcessor(
+        I.StartStreamProcessorRequest(name=name), metadata=md, timeout=CALL_TIMEOUT_S
+    ).stream_processor
+    assert started.state in (SP.STATE_STARTING, SP.STATE_RUNNING)
+    ended = _wait_state(s, name, {I.VideoSource.STATE_ENDED}, timeout_s=90)
+    counters = ended.sources[0].counters
+    assert counters.frames_received > 200  # the 10 s clip has 275 frames
+    assert 14 <= counters.frames_sampled <= 24  # 2 per second
+    assert counters.tracks >= 1
+    time.sleep(2.0)  # the last batch
+    call.cancel()
+    thread.join(10)
+    stopped = s.ingest.StopStreamProcessor(
+        I.StopStreamProcessorRequest(name=name), metadata=md, timeout=CALL_TIMEOUT_S
+    ).stream_processor
+    assert stopped.state == SP.STATE_STOPPED
+    return events
+
+
+def test_the_clip_makes_one_event_per_track_for_the_enrolled_person(
+    ingest_stack: IngestStack, watchlist: str
+) -> None:
+    s = ingest_stack
+    md = s.metadata()
+    events = _run_clip(s, "hamilton", watchlist)
+    assert events, "no match event for the enrolled person"
+    keys = [(e.track_id, e.matches[0].face.subject_id) for e in events]
+    assert len(keys) == len(set(keys)), "a track made more than one event per subject"
+    assert len({e.event_id for e in events}) == len(events)
+    for event in events:
+        assert event.matches[0].face.subject_id == "lin-manuel-miranda"
+        assert event.stream_processor == "streamProcessors/hamilton"
+        assert event.source_id == "cam-1"
+        assert event.model_version == "dlib_resnet_v1+mirror"
+        # Watch-list monitoring: the stricter default, 90 (FMR at most 1e-5).
+        assert event.threshold.applied >= 90
+        assert event.matches[0].similarity >= event.threshold.applied
+        assert event.threshold.compared_face_count == 1
+        assert event.cursor
+        assert event.audit_record.startswith("auditRecords/")
+        assert not event.face.HasField("chip")
+        assert event.context.case_id == "CASE-INGEST"
+    # Stored: listed, and fetched with the chip for review.
+    listed = s.ingest.ListMatchEvents(
+        I.ListMatchEventsRequest(parent="streamProcessors/hamilton"), metadata=md, timeout=30
+    ).match_events
+    assert [e.event_id for e in listed] == [e.event_id for e in events]
+    by_subject = s.ingest.ListMatchEvents(
+        I.ListMatchEventsRequest(parent="streamProcessors/-", subject_id="nobody"),
+        metadata=md,
+        timeout=30,
+    ).match_events
+    assert list(by_subject) == []
+    one = s.ingest.GetMatchEvent(
+        I.GetMatchEventRequest(name=events[0].name, include_chip=True), metadata=md, timeout=30
+    ).match_event
+    assert one.face.chip.width == 150
+    assert len(one.face.chip.rgb) == 150 * 150 * 3
+    # Every event has its audit record, in the one chain the gateway verifies.
+    records = s.faces.ListAuditRecords(
+        F.ListAuditRecordsRequest(page_size=1000), metadata=md, timeout=30
+    ).audit_records
+    audited = {r.target: r for r in records if r.method.endswith("IngestService/MatchEvent")}
+    for event in events:
+        record = audited[event.name]
+        assert event.audit_record == record.name
+        assert record.context.purpose == Purpose.PURPOSE_WATCHLIST_MONITORING
+        assert list(record.result_resources) == [m.face.name for m in event.matches]
+    assert verify_chain(records).intact
+
+
+def test_a_gallery_without_him_makes_no_event(ingest_stack: IngestStack, watchlist: str) -> None:
+    s = ingest_stack
+    parent = _enrol(s, "others", {p.stem.replace("_", "-"): p for p in OTHERS})
+    events = _run_clip(s, "hamilton-others", parent)
+    assert events == []
+
+
+def test_bad_processors_are_refused_with_the_field(
+    ingest_stack: IngestStack, watchlist: str
+) -> None:
+    s = ingest_stack
+    md = s.metadata()
+
+    def create(processor_id: str, processor: SP) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as caught:
+            s.ingest.CreateStreamProcessor(
+                I.CreateStreamProcessorRequest(
+                    stream_processor_id=processor_id, stream_processor=processor
+                ),
+                metadata=md,
+                timeout=CALL_TIMEOUT_S,
+            )
+        return caught.value
+
+    error = create("Bad_Id", _processor("collections/watchlist", _file_source()))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    outside = I.VideoSource(source_id="x", pull=I.PullSource(url="file:///etc/passwd"))
+    error = create("outside", _processor("collections/watchlist", outside))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    remote = I.VideoSource(
+        source_id="x", pull=I.PullSource(url="rtsp://admin:secret@10.1.2.3/stream")
+    )
+    error = create("remote", _processor("collections/watchlist", remote))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "secret" not in (error.details() or "")
+    error = create("nocoll", _processor("collections/missing", _file_source()))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    no_context = _processor("collections/watchlist", _file_source())
+    no_context.ClearField("context")
+    error = create("nocontext", no_context)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    twice = _processor("collections/watchlist", _file_source("a"), _file_source("a"))
+    assert create("twice", twice).code() == grpc.StatusCode.INVALID_ARGUMENT
+    fps = _processor("collections/watchlist", _file_source(), frames_per_second=100)
+    assert create("fps", fps).code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as caught:
+        s.ingest.GetStreamProcessor(
+            I.GetStreamProcessorRequest(name="streamProcessors/nothing"), metadata=md, timeout=30
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as caught:
+        s.ingest.GetStreamProcessor(
+            I.GetStreamProcessorRequest(name="streamProcessors/x"), timeout=30
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    tokens = s.stack.tokens
+    with pytest.raises(grpc.RpcError) as caught:
+        s.ingest.GetStreamProcessor(
+            I.GetStreamProcessorRequest(name="streamProcessors/x"),
+            metadata=s.stack.metadata(tokens["facegrid.ingest.watch"]),
+            timeout=30,
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # The service is still up.
+    s.ingest.ListStreamProcessors(I.ListStreamProcessorsRequest(), metadata=md, timeout=30)
+
+
+def _clip_jpegs(count: int = 5, fps: float = 2.0, start_s: float = 4.5) -> list[bytes]:
+    """Frames of the clip at ``fps`` from ``start_s``, as JPEG: he faces the camera from
+    about 5 s on (the file source's event is at frame 150)."""
+    out: list[bytes] = []
+    with av.open(str(CLIP)) as container:
+        stream = container.streams.video[0]
+        next_time = start_s
+        for frame in container.decode(stream):
+            if frame.time is None or frame.time + 1e-6 < next_time:
+                continue
+            buffer = io.BytesIO()
+            frame.to_image().save(buffer, format="JPEG", quality=90)
+            out.append(buffer.getvalue())
+            next_time += 1.0 / fps
+            if len(out) == count:
+                break
+    return out
+
+
+def _push_visit(
+    s: IngestStack, name: str, source_id: str, frames: list[bytes], start: float, first_seq: int
+) -> I.PushFramesResponse:
+    """One visit of him: his frames at 2 fps from capture time ``start``, paced so the
+    pipeline keeps up."""
+
+    def messages() -> Iterator[I.PushFramesRequest]:
+        for index, jpeg in enumerate(frames):
+            message = I.PushFramesRequest(
+                stream_processor=name if index == 0 else "",
+                source_id=source_id if index == 0 else "",
+                frame=jpeg,
+                sequence_number=first_seq + index,
+            )
+            message.capture_time.FromNanoseconds(int((start + index * 0.5) * 1e9))
+            yield message
+            time.sleep(0.4)
+
+    response: I.PushFramesResponse = s.ingest.PushFrames(
+        messages(), metadata=s.metadata(), timeout=120
+    )
+    return response
+
+
+def _wait_events(events: list[I.MatchEvent], count: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(events) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_pushed_frames_make_events_and_a_subscriber_resumes_from_its_cursor(
+    ingest_stack: IngestStack, watchlist: str
+) -> None:
+    s = ingest_stack
+    md = s.metadata()
+    name = s.ingest.CreateStreamProcessor(
+        I.CreateStreamProcessorRequest(
+            stream_processor_id="pushed",
+            stream_processor=_processor(
+                "collections/watchlist",
+                I.VideoSource(source_id="door:1", push=I.PushSource()),
+                suppression_window=duration_pb2.Duration(seconds=0),
+            ),
+        ),
+        metadata=md,
+        timeout=CALL_TIMEOUT_S,
+    ).stream_processor.name
+    s.ingest.StartStreamProcessor(I.StartStreamProcessorRequest(name=name), metadata=md, timeout=30)
+    frames = _clip_jpegs()
+    live: list[I.MatchEvent] = []
+    thread, call = _collect(s, I.StreamMatchEventsRequest(stream_processor=name), live)
+    time.sleep(1.0)
+    base = time.time()
+    first = _push_visit(s, name, "door:1", frames, base, 1)
+    assert first.frames_received == len(frames)
+    assert first.frames_received == (
+        first.frames_accepted + first.frames_skipped + first.frames_dropped + first.frames_rejected
+    )
+    assert first.frames_accepted >= 3
+    _wait_events(live, 1)
+    assert len(live) == 1, "one visit, one track, one event"
+    cursor = live[0].cursor
+    call.cancel()  # the subscriber goes away (a network failure) ...
+    thread.join(10)
+    # ... while he comes back twice: two more tracks (10 s apart), two more events.
+    _push_visit(s, name, "door:1", frames, base + 10, 100)
+    _push_visit(s, name, "door:1", frames, base + 20, 200)
+    time.sleep(2.0)
+    resumed: list[I.MatchEvent] = []
+    thread, call = _collect(
+        s,
+        I.StreamMatchEventsRequest(
+            stream_processor=name,
+            start_position=I.StreamMatchEventsRequest.START_POSITION_AFTER_CURSOR,
+            after_cursor=cursor,
+        ),
+        resumed,
+    )
+    _wait_events(resumed, 2)
+    time.sleep(2.0)  # nothing more comes
+    call.cancel()
+    thread.join(10)
+    stored = s.ingest.ListMatchEvents(
+        I.ListMatchEventsRequest(parent=name), metadata=md, timeout=30
+    ).match_events
+    assert len(stored) == 3
+    assert [e.event_id for e in resumed] == [e.event_id for e in stored[1:]]
+    assert all(e.matches[0].face.subject_id == "lin-manuel-miranda" for e in stored)
+    assert len({e.track_id for e in stored}) == 3
+
+
+def test_bad_pushed_frames_are_counted_and_the_stream_goes_on(
+    ingest_stack: IngestStack, watchlist: str
+) -> None:
+    s = ingest_stack
+    md = s.metadata()
+    name = s.ingest.CreateStreamProcessor(
+        I.CreateStreamProcessorRequest(
+            stream_processor_id="pushed-bad",
+            stream_processor=_processor(
+                "collections/watchlist", I.VideoSource(source_id="door-2", push=I.PushSource())
+            ),
+        ),
+        metadata=md,
+        timeout=CALL_TIMEOUT_S,
+    ).stream_processor.name
+    frame = _clip_jpegs(1)[0]
+    stopped = I.PushFramesRequest(
+        stream_processor=name, source_id="door-2", frame=frame, sequence_number=1
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        s.ingest.PushFrames(iter([stopped]), metadata=md, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # not running
+    s.ingest.StartStreamProcessor(I.StartStreamProcessorRequest(name=name), metadata=md, timeout=30)
+    oversized = b"\xff\xd8" + os.urandom(5 * 1024 * 1024)
+    messages = [
+        I.PushFramesRequest(
+            stream_processor=name, source_id="door-2", frame=frame, sequence_number=5
+        ),
+        I.PushFramesRequest(frame=b"not an image", sequence_number=6),
+        I.PushFramesRequest(frame=frame, sequence_number=6),  # not after the previous
+        I.PushFramesRequest(frame=oversized, sequence_number=7),
+        I.PushFramesRequest(frame=frame, sequence_number=8),
+    ]
+    response = s.ingest.PushFrames(iter(messages), metadata=md, timeout=60)
+    assert response.frames_received == 5
+    assert response.frames_rejected == 3
+    with pytest.raises(grpc.RpcError) as caught:
+        s.ingest.PushFrames(
+            iter([I.PushFramesRequest(stream_processor=name, source_id="nope", frame=frame)]),
+            metadata=md,
+            timeout=30,
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    # A second stream for the source replaces the first, which ends ABORTED.
+    release = threading.Event()
+
+    def held_open() -> Iterator[I.PushFramesRequest]:
+        yield I.PushFramesRequest(
+            stream_processor=name, source_id="door-2", frame=frame, sequence_number=1
+        )
+        release.wait(30)
+
+    older = s.ingest.PushFrames.future(held_open(), metadata=md, timeout=60)
+    time.sleep(1.5)
+    newer = s.ingest.PushFrames(
+        iter([I.PushFramesRequest(stream_processor=name, source_id="door-2", frame=frame)]),
+        metadata=md,
+        timeout=30,
+    )
+    assert newer.frames_received == 1
+    assert older.exception(timeout=30).code() == grpc.StatusCode.ABORTED
+    release.set()
+
+
+def test_two_replicas_share_sources_and_take_over_a_killed_ones(
+    ingest_stack: IngestStack, watchlist: str
+) -> None:
+    s = ingest_stack
+    md = s.metadata()
+    second = s.stack.group.start(
+        "ingest", port=0, instance="ingest-2", extra=["ingest.replica_id=replica-b"]
+    )
+    sources = [_file_source(f"cam-{n}") for n in range(4)]
+    name = s.ingest.CreateStreamProcessor(
+        I.CreateStreamProcessorRequest(
+            stream_processor_id="shared",
+            stream_processor=_processor("collections/watchlist", *sources),
+        ),
+        metadata=md,
+        timeout=CALL_TIMEOUT_S,
+    ).stream_processor.name
+    s.ingest.StartStreamProcessor(I.StartStreamProcessorRequest(name=name), metadata=md, timeout=30)
+
+    def owners() -> dict[str, str]:
+        got = s.ingest.GetStreamProcessor(
+            I.GetStreamProcessorRequest(name=name), metadata=md, timeout=30
+        ).stream_processor
+        return {src.source_id: src.owner for src in got.sources}
+
+    deadline = time.monotonic() + 30
+    while sorted(owners().values()) != ["replica-a"] * 2 + ["replica-b"] * 2:
+        assert time.monotonic() < deadline, owners()
+        time.sleep(0.5)
+    killed_at = time.monotonic()
+    second.process.send_signal(signal.SIGKILL)
+    second.process.wait(10)
+    del s.stack.group.services["ingest-2"]
+    while set(owners().values()) != {"replica-a"}:
+        assert time.monotonic() - killed_at < 15, owners()
+        time.sleep(0.5)
+    taken_over_s = time.monotonic() - killed_at
+    assert taken_over_s < 15
+    _wait_state(s, name, {I.VideoSource.STATE_ENDED}, timeout_s=60)
+    time.sleep(2.0)
+    stored = s.ingest.ListMatchEvents(
+        I.ListMatchEventsRequest(parent=name, page_size=1000), metadata=md, timeout=30
+    ).match_events
+    ids = [e.event_id for e in stored]
+    assert len(ids) == len(set(ids)), "an event id was stored twice"
+    assert {e.source_id for e in stored} == {f"cam-{n}" for n in range(4)}
+    for event in stored:
+        got = s.ingest.GetMatchEvent(
+            I.GetMatchEventRequest(name=event.name), metadata=md, timeout=30
+        ).match_event
+        assert got.event_id == event.event_id
