@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from facegrid.auth import ALL_SCOPES, bearer_metadata, create_token
-from facegrid.launcher import UP_ORDER, ServiceGroup, wait_healthy
+from facegrid.launcher import FACE_SERVICES, ServiceGroup, wait_healthy
 from facegrid.models.repository import TritonBackend, build_repository
 from facegrid.processes import free_ports
 from facegrid.triton_server import TritonInstall, TritonServer
@@ -251,7 +251,7 @@ def start_stack(overrides: list[str], work_dir: Path) -> Stack:
         log_dir=work_dir / "logs",
     )
     try:
-        for name in UP_ORDER:
+        for name in FACE_SERVICES:
             group.start(name, port=0)
     except BaseException:
         group.stop()

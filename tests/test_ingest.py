@@ -10,13 +10,14 @@ it missed; two replicas share the sources and a SIGKILLed one's move to the othe
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import shutil
 import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,130 +25,51 @@ import av
 import grpc
 import pytest
 from facegrid.audit_chain import verify_chain
-from facegrid.nats_server import NatsServer
 from facegrid.v1 import (
     common_pb2,
     face_service_pb2,
-    face_service_pb2_grpc,
     ingest_pb2,
-    ingest_pb2_grpc,
-    resources_pb2,
 )
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 
-from tests.conftest import SHARED_DATA, Stack, inference_overrides, start_stack, stop_stack
+from tests.conftest import SHARED_DATA
+from tests.ingest_helpers import (
+    CALL_TIMEOUT_S,
+    CLIP,
+    MIRANDA,
+    IngestStack,
+    enrol,
+    identification_context,
+    ingest_stack,
+)
+from tests.media_servers import HttpFileServer, RtspServer
 
 F = face_service_pb2
 I = ingest_pb2  # noqa: E741
 SP = I.StreamProcessor
 Purpose = common_pb2.IdentificationContext.Purpose
-CLIP = SHARED_DATA / "faces" / "video" / "short_hamilton_clip.mp4"
-MIRANDA = SHARED_DATA / "faces" / "misc" / "lin-manuel-miranda.png"
+ARCADE = SHARED_DATA / "video" / "arcade-walking.mp4"
 OTHERS = [
     SHARED_DATA / "faces" / "misc" / "alex-lacamoire.png",
     SHARED_DATA / "faces" / "misc" / "obama.jpg",
     SHARED_DATA / "faces" / "misc" / "biden.jpg",
 ]
-CALL_TIMEOUT_S = 30.0
-LEASE_S = 3.0
 
 pytestmark = pytest.mark.skipif(not CLIP.is_file(), reason=f"test video not found ({CLIP})")
 
 
-@dataclass
-class IngestStack:
-    stack: Stack
-    nats: NatsServer
-    ingest: ingest_pb2_grpc.IngestServiceStub
-    faces: face_service_pb2_grpc.FaceServiceStub
-    channels: list[grpc.Channel]
-
-    def metadata(self) -> tuple[tuple[str, str]]:
-        return self.stack.metadata()
-
-    def start_ingest(self, instance: str, replica: str) -> Any:
-        return self.stack.group.start(
-            "ingest", port=0, instance=instance, extra=[f"ingest.replica_id={replica}"]
-        )
+@pytest.fixture(scope="module")
+def stack(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[IngestStack]:
+    with ingest_stack(
+        model_repo, tmp_path_factory.mktemp("ingest"), [CLIP.parent, ARCADE.parent]
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
-def ingest_stack(
-    model_repo: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[IngestStack]:
-    work = tmp_path_factory.mktemp("ingest")
-    with NatsServer(work / "nats") as nats:
-        stack = start_stack(
-            [
-                *inference_overrides("local", model_repo, None),
-                f"ingest.nats_url={nats.url}",
-                f"ingest.lease_s={LEASE_S}",
-                f'ingest.allowed_dirs=["{CLIP.parent.resolve()}"]',
-                'ingest.allowed_hosts=["127.0.0.1"]',
-            ],
-            work,
-        )
-        try:
-            service = stack.group.start(
-                "ingest",
-                port=0,
-                instance="ingest",
-                extra=["ingest.replica_id=replica-a", "server.log_level=DEBUG"],
-            )
-            channels = [
-                grpc.insecure_channel(service.address),
-                grpc.insecure_channel(stack.address),
-            ]
-            yield IngestStack(
-                stack,
-                nats,
-                ingest_pb2_grpc.IngestServiceStub(channels[0]),
-                face_service_pb2_grpc.FaceServiceStub(channels[1]),
-                channels,
-            )
-            for channel in channels:
-                channel.close()
-        finally:
-            stop_stack(stack)
-
-
-@pytest.fixture(scope="module")
-def watchlist(ingest_stack: IngestStack) -> str:
+def watchlist(stack: IngestStack) -> str:
     """A watch-list with him alone."""
-    return _enrol(ingest_stack, "watchlist", {"lin-manuel-miranda": MIRANDA})
-
-
-def _context(case: str = "CASE-INGEST") -> common_pb2.IdentificationContext:
-    return common_pb2.IdentificationContext(
-        purpose=Purpose.PURPOSE_WATCHLIST_MONITORING, case_id=case, justification="test"
-    )
-
-
-def _enrol(s: IngestStack, collection_id: str, people: dict[str, Path]) -> str:
-    md = s.metadata()
-    s.faces.CreateCollection(
-        F.CreateCollectionRequest(
-            collection_id=collection_id, collection=resources_pb2.Collection()
-        ),
-        metadata=md,
-        timeout=CALL_TIMEOUT_S,
-    )
-    parent = f"collections/{collection_id}"
-    for subject, photo in people.items():
-        s.faces.CreateSubject(
-            F.CreateSubjectRequest(
-                parent=parent, subject_id=subject, subject=resources_pb2.Subject()
-            ),
-            metadata=md,
-            timeout=CALL_TIMEOUT_S,
-        )
-        indexed = s.faces.IndexFaces(
-            F.IndexFacesRequest(parent=parent, image=photo.read_bytes(), subject_id=subject),
-            metadata=md,
-            timeout=CALL_TIMEOUT_S,
-        )
-        assert len(indexed.face_records) == 1, subject
-    return parent
+    return enrol(stack, "watchlist", {"lin-manuel-miranda": MIRANDA})
 
 
 def _processor(collection: str, *sources: I.VideoSource, **fields: Any) -> SP:
@@ -155,7 +77,7 @@ def _processor(collection: str, *sources: I.VideoSource, **fields: Any) -> SP:
         display_name="test",
         sources=list(sources),
         collection=collection,
-        context=_context(),
+        context=identification_context(),
         **fields,
     )
 
@@ -235,9 +157,9 @@ def _run_clip(s: IngestStack, processor_id: str, collection: str) -> list[I.Matc
 
 
 def test_the_clip_makes_one_event_per_track_for_the_enrolled_person(
-    ingest_stack: IngestStack, watchlist: str
+    stack: IngestStack, watchlist: str
 ) -> None:
-    s = ingest_stack
+    s = stack
     md = s.metadata()
     events = _run_clip(s, "hamilton", watchlist)
     assert events, "no match event for the enrolled person"
@@ -286,17 +208,15 @@ def test_the_clip_makes_one_event_per_track_for_the_enrolled_person(
     assert verify_chain(records).intact
 
 
-def test_a_gallery_without_him_makes_no_event(ingest_stack: IngestStack, watchlist: str) -> None:
-    s = ingest_stack
-    parent = _enrol(s, "others", {p.stem.replace("_", "-"): p for p in OTHERS})
+def test_a_gallery_without_him_makes_no_event(stack: IngestStack, watchlist: str) -> None:
+    s = stack
+    parent = enrol(s, "others", {p.stem.replace("_", "-"): p for p in OTHERS})
     events = _run_clip(s, "hamilton-others", parent)
     assert events == []
 
 
-def test_bad_processors_are_refused_with_the_field(
-    ingest_stack: IngestStack, watchlist: str
-) -> None:
-    s = ingest_stack
+def test_bad_processors_are_refused_with_the_field(stack: IngestStack, watchlist: str) -> None:
+    s = stack
     md = s.metadata()
 
     def create(processor_id: str, processor: SP) -> grpc.RpcError:
@@ -403,9 +323,9 @@ def _wait_events(events: list[I.MatchEvent], count: int, timeout_s: float = 30) 
 
 
 def test_pushed_frames_make_events_and_a_subscriber_resumes_from_its_cursor(
-    ingest_stack: IngestStack, watchlist: str
+    stack: IngestStack, watchlist: str
 ) -> None:
-    s = ingest_stack
+    s = stack
     md = s.metadata()
     name = s.ingest.CreateStreamProcessor(
         I.CreateStreamProcessorRequest(
@@ -464,9 +384,9 @@ def test_pushed_frames_make_events_and_a_subscriber_resumes_from_its_cursor(
 
 
 def test_bad_pushed_frames_are_counted_and_the_stream_goes_on(
-    ingest_stack: IngestStack, watchlist: str
+    stack: IngestStack, watchlist: str
 ) -> None:
-    s = ingest_stack
+    s = stack
     md = s.metadata()
     name = s.ingest.CreateStreamProcessor(
         I.CreateStreamProcessorRequest(
@@ -528,9 +448,9 @@ def test_bad_pushed_frames_are_counted_and_the_stream_goes_on(
 
 
 def test_two_replicas_share_sources_and_take_over_a_killed_ones(
-    ingest_stack: IngestStack, watchlist: str
+    stack: IngestStack, watchlist: str
 ) -> None:
-    s = ingest_stack
+    s = stack
     md = s.metadata()
     second = s.stack.group.start(
         "ingest", port=0, instance="ingest-2", extra=["ingest.replica_id=replica-b"]
@@ -578,3 +498,224 @@ def test_two_replicas_share_sources_and_take_over_a_killed_ones(
             I.GetMatchEventRequest(name=event.name), metadata=md, timeout=30
         ).match_event
         assert got.event_id == event.event_id
+
+
+needs_rtsp = pytest.mark.skipif(
+    shutil.which("rtsp-server-perl") is None,
+    reason="rtsp-server-perl is not installed (apt-get install rtsp-server-perl)",
+)
+
+
+@needs_rtsp
+def test_a_camera_over_rtsp_alerts_suppresses_repeats_and_survives_an_outage(
+    stack: IngestStack, watchlist: str
+) -> None:
+    s = stack
+    md = s.metadata()
+    with RtspServer() as rtsp:
+        rtsp.start_pusher(CLIP, "cam0", loop=True)
+        # Credentials in the URL: accepted, never shown.
+        url = rtsp.url("cam0").replace("rtsp://", "rtsp://viewer:s3cret-pw@")
+        created = s.ingest.CreateStreamProcessor(
+            I.CreateStreamProcessorRequest(
+                stream_processor_id="camera",
+                stream_processor=_processor(
+                    watchlist, I.VideoSource(source_id="gate-1", pull=I.PullSource(url=url))
+                ),
+            ),
+            metadata=md,
+            timeout=CALL_TIMEOUT_S,
+        ).stream_processor
+        assert "s3cret-pw" not in str(created)
+        assert created.sources[0].pull.url.startswith("rtsp://viewer:***@")
+        name = created.name
+        events: list[I.MatchEvent] = []
+        thread, call = _collect(s, I.StreamMatchEventsRequest(stream_processor=name), events)
+        s.ingest.StartStreamProcessor(
+            I.StartStreamProcessorRequest(name=name), metadata=md, timeout=30
+        )
+        _wait_state(s, name, {I.VideoSource.STATE_STREAMING}, timeout_s=30)
+        _wait_events(events, 1, timeout_s=40)
+        assert len(events) == 1
+        event = events[0]
+        assert event.matches[0].face.subject_id == "lin-manuel-miranda"
+        assert event.source_id == "gate-1"
+        # Capture time from the stream: close to now, not in the future.
+        captured = event.capture_time.ToNanoseconds() / 1e9
+        assert time.time() - 30 < captured <= event.create_time.ToNanoseconds() / 1e9 + 0.5
+        # The clip loops every 10 s: he comes back within the suppression window (60 s),
+        # which makes no new event but is counted.
+        deadline = time.monotonic() + 40
+        while True:
+            got = s.ingest.GetStreamProcessor(
+                I.GetStreamProcessorRequest(name=name), metadata=md, timeout=30
+            ).stream_processor
+            if got.sources[0].counters.suppressed_repeats >= 1:
+                break
+            assert time.monotonic() < deadline, got
+            time.sleep(1.0)
+        assert len(events) == 1
+        assert got.state == SP.STATE_RUNNING
+        assert got.sources[0].owner == "replica-a"
+        # The camera goes away: the source reports it reconnects; then streams again.
+        rtsp.stop_pusher("cam0")
+        outage = _wait_state(s, name, {I.VideoSource.STATE_RECONNECTING}, timeout_s=20)
+        assert outage.sources[0].status_message
+        assert "s3cret-pw" not in outage.sources[0].status_message
+        rtsp.start_pusher(CLIP, "cam0", loop=True)
+        back = _wait_state(s, name, {I.VideoSource.STATE_STREAMING}, timeout_s=40)
+        assert back.sources[0].counters.reconnects >= 1
+        s.ingest.StopStreamProcessor(
+            I.StopStreamProcessorRequest(name=name), metadata=md, timeout=30
+        )
+        call.cancel()
+        thread.join(10)
+    logs = (s.stack.work_dir / "logs" / "ingest.log").read_text(errors="replace")
+    assert "s3cret-pw" not in logs
+
+
+def test_many_people_walking_make_tracks_and_no_false_event(
+    stack: IngestStack, watchlist: str
+) -> None:
+    s = stack
+    md = s.metadata()
+    parent = "collections/others"
+    with contextlib.suppress(grpc.RpcError):
+        enrol(s, "others", {p.stem.replace("_", "-"): p for p in OTHERS})
+    name = s.ingest.CreateStreamProcessor(
+        I.CreateStreamProcessorRequest(
+            stream_processor_id="arcade",
+            stream_processor=_processor(
+                parent, I.VideoSource(source_id="arcade", pull=I.PullSource(url=ARCADE.as_uri()))
+            ),
+        ),
+        metadata=md,
+        timeout=CALL_TIMEOUT_S,
+    ).stream_processor.name
+    s.ingest.StartStreamProcessor(I.StartStreamProcessorRequest(name=name), metadata=md, timeout=30)
+    ended = _wait_state(s, name, {I.VideoSource.STATE_ENDED}, timeout_s=90)
+    time.sleep(3.0)  # the last batches
+    got = s.ingest.GetStreamProcessor(
+        I.GetStreamProcessorRequest(name=name), metadata=md, timeout=30
+    ).stream_processor
+    assert got.sources[0].counters.tracks >= 3, got
+    assert ended.sources[0].counters.frames_sampled >= 6
+    events = s.ingest.ListMatchEvents(
+        I.ListMatchEventsRequest(parent=name), metadata=md, timeout=30
+    ).match_events
+    assert list(events) == []
+    s.ingest.StopStreamProcessor(I.StopStreamProcessorRequest(name=name), metadata=md, timeout=30)
+
+
+def test_sources_that_cannot_be_read_say_why(stack: IngestStack, watchlist: str) -> None:
+    s = stack
+    md = s.metadata()
+    with HttpFileServer(Path(__file__).parent) as http:
+        sources = [
+            I.VideoSource(source_id="text", pull=I.PullSource(url=http.url("conftest.py"))),
+            I.VideoSource(source_id="closed", pull=I.PullSource(url="rtsp://127.0.0.1:1/cam")),
+        ]
+        name = s.ingest.CreateStreamProcessor(
+            I.CreateStreamProcessorRequest(
+                stream_processor_id="unreadable", stream_processor=_processor(watchlist, *sources)
+            ),
+            metadata=md,
+            timeout=CALL_TIMEOUT_S,
+        ).stream_processor.name
+        s.ingest.StartStreamProcessor(
+            I.StartStreamProcessorRequest(name=name), metadata=md, timeout=30
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            got = s.ingest.GetStreamProcessor(
+                I.GetStreamProcessorRequest(name=name), metadata=md, timeout=30
+            ).stream_processor
+            states = {src.source_id: src for src in got.sources}
+            if (
+                states["text"].state == I.VideoSource.STATE_FAILED
+                and states["closed"].state == I.VideoSource.STATE_RECONNECTING
+            ):
+                break
+            assert time.monotonic() < deadline, got
+            time.sleep(0.5)
+        assert "video" in states["text"].status_message
+        assert states["closed"].status_message
+        # Sources and collection cannot change while it runs; other fields can.
+        with pytest.raises(grpc.RpcError) as caught:
+            s.ingest.UpdateStreamProcessor(
+                I.UpdateStreamProcessorRequest(
+                    stream_processor=SP(name=name, sources=sources[:1]),
+                    update_mask=field_mask_pb2.FieldMask(paths=["sources"]),
+                ),
+                metadata=md,
+                timeout=30,
+            )
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        for paths in (["state"], ["no_such_field"], []):
+            with pytest.raises(grpc.RpcError) as caught:
+                s.ingest.UpdateStreamProcessor(
+                    I.UpdateStreamProcessorRequest(
+                        stream_processor=SP(name=name, display_name="x"),
+                        update_mask=field_mask_pb2.FieldMask(paths=paths),
+                    ),
+                    metadata=md,
+                    timeout=30,
+                )
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, paths
+        updated = s.ingest.UpdateStreamProcessor(
+            I.UpdateStreamProcessorRequest(
+                stream_processor=SP(name=name, display_name="renamed", match_threshold=95),
+                update_mask=field_mask_pb2.FieldMask(paths=["display_name", "match_threshold"]),
+            ),
+            metadata=md,
+            timeout=30,
+        ).stream_processor
+        assert updated.display_name == "renamed"
+        assert updated.match_threshold == 95
+        assert len(updated.sources) == 2  # untouched
+        s.ingest.DeleteStreamProcessor(
+            I.DeleteStreamProcessorRequest(name=name), metadata=md, timeout=30
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            s.ingest.DeleteStreamProcessor(
+                I.DeleteStreamProcessorRequest(name=name), metadata=md, timeout=30
+            )
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    many = [_file_source(f"cam-{n}") for n in range(257)]
+    with pytest.raises(grpc.RpcError) as caught:
+        s.ingest.CreateStreamProcessor(
+            I.CreateStreamProcessorRequest(
+                stream_processor_id="too-many", stream_processor=_processor(watchlist, *many)
+            ),
+            metadata=md,
+            timeout=30,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_deleting_a_processor_deletes_its_events_and_ends_its_subscribers(
+    stack: IngestStack, watchlist: str
+) -> None:
+    s = stack
+    md = s.metadata()
+    name = "streamProcessors/pushed"
+    stored = s.ingest.ListMatchEvents(
+        I.ListMatchEventsRequest(parent=name), metadata=md, timeout=30
+    ).match_events
+    assert stored, "the push test stored events"
+    events: list[I.MatchEvent] = []
+    thread, call = _collect(s, I.StreamMatchEventsRequest(stream_processor=name), events)
+    time.sleep(1.0)
+    s.ingest.DeleteStreamProcessor(
+        I.DeleteStreamProcessorRequest(name=name), metadata=md, timeout=30
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        s.ingest.GetMatchEvent(I.GetMatchEventRequest(name=stored[0].name), metadata=md, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    listed = s.ingest.ListMatchEvents(
+        I.ListMatchEventsRequest(parent=name), metadata=md, timeout=30
+    ).match_events
+    assert list(listed) == []
+    thread.join(45)  # ends at its next heartbeat check at the latest
+    assert not thread.is_alive()
+    assert call.code() == grpc.StatusCode.NOT_FOUND

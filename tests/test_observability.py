@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from conftest import TRITON_VENV, inference_overrides
 from facegrid.auth import ALL_SCOPES, create_token
-from facegrid.launcher import UP_ORDER, ServiceGroup
+from facegrid.launcher import FACE_SERVICES, ServiceGroup
 from facegrid.processes import free_port
 from facegrid.triton_server import TritonInstall, TritonServer
 from facegrid.v1 import common_pb2, face_service_pb2, face_service_pb2_grpc
@@ -39,7 +39,7 @@ Purpose = common_pb2.IdentificationContext.Purpose
 DEADLINE_S = 60.0
 CASE_ID = "CASE-TRACE-7c1e"
 JUSTIFICATION = "a justification that must stay out of telemetry"
-SERVICES = {f"facegrid-{name}" for name in UP_ORDER}
+SERVICES = {f"facegrid-{name}" for name in FACE_SERVICES}
 SERVER = trace_pb2.Span.SpanKind.SPAN_KIND_SERVER
 CLIENT = trace_pb2.Span.SpanKind.SPAN_KIND_CLIENT
 # Photos that ship with scikit-image, so that this runs without ../shared/data/faces:
@@ -132,7 +132,7 @@ def stack(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             env=env,
         )
         try:
-            for name in UP_ORDER:
+            for name in FACE_SERVICES:
                 group.start(name, port=0)
             yield TracedStack(
                 group,
@@ -361,7 +361,7 @@ def test_metrics_count_what_was_sent(
         timeout=DEADLINE_S,
         metadata=metadata,
     )
-    before = {name: _scrape(stack, name) for name in UP_ORDER}
+    before = {name: _scrape(stack, name) for name in FACE_SERVICES}
     image = PROBE
     search = F.SearchFacesByImageRequest(parent="collections/metrics", image=image, context=CONTEXT)
     for _ in range(3):
@@ -373,7 +373,7 @@ def test_metrics_count_what_was_sent(
         face=f"collections/metrics/faces/{uuid.uuid4()}", context=CONTEXT
     )
     rpc_error(lambda: api.SearchFaces(missing, timeout=DEADLINE_S, metadata=metadata))
-    after = {name: _scrape(stack, name) for name in UP_ORDER}
+    after = {name: _scrape(stack, name) for name in FACE_SERVICES}
 
     def delta(process: str, name: str, **labels: str) -> float:
         return _value(after[process], name, **labels) - _value(before[process], name, **labels)
@@ -432,7 +432,7 @@ def test_logs_are_json_lines_with_trace_ids_and_no_personal_data(
     trace_id, _, _ = traced_search
     time.sleep(0.5)
     lines: dict[str, list[dict[str, object]]] = {}
-    for name in UP_ORDER:
+    for name in FACE_SERVICES:
         text = (stack.log_dir / f"{name}.log").read_text()
         assert CASE_ID not in text
         assert JUSTIFICATION not in text

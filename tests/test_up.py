@@ -1,4 +1,5 @@
-"""`facegrid up`: the four services as processes, healthy, seeded, stopped by Ctrl-C."""
+"""`facegrid up`: the services and a local nats-server as processes, healthy, seeded,
+stopped by Ctrl-C."""
 
 from __future__ import annotations
 
@@ -15,15 +16,17 @@ from facegrid.v1 import common_pb2, face_service_pb2, face_service_pb2_grpc
 from grpc_helpers import png_bytes
 from skimage import data
 
-SERVICES = ("detection", "embedding", "search", "gateway")
+SERVICES = ("detection", "embedding", "search", "gateway", "ingest")
 
 
 def test_up_starts_seeds_and_stops_everything(model_repo: Path, tmp_path: Path) -> None:
-    free = free_ports(2 * len(SERVICES))
+    free = free_ports(2 * len(SERVICES) + 1)
     ports = dict(zip(SERVICES, free[: len(SERVICES)], strict=True))
-    metrics_ports = dict(zip(SERVICES, free[len(SERVICES) :], strict=True))
+    metrics_ports = dict(zip(SERVICES, free[len(SERVICES) : 2 * len(SERVICES)], strict=True))
     command = [sys.executable, "-m", "facegrid.cli", "up"]
     command += ["--set", f"inference.model_repository={model_repo}"]
+    nats_port = free[-1]
+    command += ["--set", f"ingest.nats_url=nats://127.0.0.1:{nats_port}"]
     for name, port in ports.items():
         command += [
             "--set",
@@ -51,6 +54,7 @@ def test_up_starts_seeds_and_stops_everything(model_repo: Path, tmp_path: Path) 
         assert "facegrid is up" in output, output
         for name, port in ports.items():
             assert f"{name:10} healthy on 127.0.0.1:{port}" in output
+        assert f"{'nats':10} healthy on 127.0.0.1:{nats_port}" in output
         assert "seeded" in output
 
         # The demo collection answers at once, with the token `up` left for the client.
@@ -78,3 +82,5 @@ def test_up_starts_seeds_and_stops_everything(model_repo: Path, tmp_path: Path) 
     assert up.returncode == 0, output
     for name in SERVICES:
         assert f"{name:10} stopped (0)" in output, output
+    assert f"{'nats':10} stopped" in output
+    assert (tmp_path / "var" / "nats" / "jetstream").is_dir()  # JetStream on local disk

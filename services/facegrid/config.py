@@ -322,6 +322,11 @@ class IngestSettings(Section):
         "nats://127.0.0.1:4222",
         description="NATS server with JetStream: match events, processors, source leases.",
     )
+    nats_store_dir: Path = Field(
+        Path("var/nats"),
+        description="Where `facegrid up` keeps its local nats-server's JetStream data (when "
+        "nats_url names this machine).",
+    )
     replica_id: str = Field(
         "",
         description="This replica's name in source leases; empty: host name and process id.",

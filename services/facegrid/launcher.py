@@ -11,9 +11,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,6 +26,9 @@ from facegrid.metrics import serve_metrics
 from facegrid.processes import free_ports
 from facegrid.telemetry import setup_tracing, shutdown_tracing
 
+if TYPE_CHECKING:
+    from facegrid.nats_server import NatsServer
+
 # service name -> module whose ``serve(settings)`` coroutine runs it until stopped.
 SERVICES = {
     "detection": "facegrid_detection.app",
@@ -33,7 +38,9 @@ SERVICES = {
     "ingest": "facegrid_ingest.app",
 }
 # Order of `facegrid up`: dependencies first.
-UP_ORDER = ("detection", "embedding", "search", "gateway")
+UP_ORDER = ("detection", "embedding", "search", "gateway", "ingest")
+# The services behind the gateway's FaceService (ingest needs NATS besides).
+FACE_SERVICES = ("detection", "embedding", "search", "gateway")
 # The setting (of the gateway and of ingest) that names each service they call.
 CALLED_SERVICES = {
     "detection": "detection_address",
@@ -247,7 +254,11 @@ def up(overrides: list[str], after_start: Callable[[dict[str, str]], None] | Non
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     group = ServiceGroup(overrides)
+    nats = local_nats_server(group.settings)
     try:
+        if nats is not None:
+            nats.start()
+            print(f"  {'nats':10} healthy on {nats.host}:{nats.port} (JetStream)", flush=True)
         for name in UP_ORDER:
             service = group.start(name)
             print(f"  {name:10} healthy on {service.address}", flush=True)
@@ -265,6 +276,21 @@ def up(overrides: list[str], after_start: Callable[[dict[str, str]], None] | Non
         return 0
     finally:
         group.stop(report=True)
+        if nats is not None:
+            nats.stop()
+            print(f"  {'nats':10} stopped", flush=True)
+
+
+def local_nats_server(settings: Settings) -> NatsServer | None:
+    """The NATS server `facegrid up` runs itself: when ingest.nats_url names this machine
+    (the embedded default), a nats-server with JetStream on its port, storing in
+    ingest.nats_store_dir; None for a NATS elsewhere."""
+    from facegrid.nats_server import NatsServer
+
+    url = urllib.parse.urlsplit(settings.ingest.nats_url)
+    if url.hostname not in ("127.0.0.1", "localhost"):
+        return None
+    return NatsServer(settings.ingest.nats_store_dir, host="127.0.0.1", port=url.port or 4222)
 
 
 def run_triton(repo: Path, venv: Path) -> int:
