@@ -10,6 +10,7 @@ it missed; two replicas share the sources and a SIGKILLed one's move to the othe
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
@@ -23,6 +24,8 @@ from typing import Any
 
 import av
 import grpc
+import nats
+import nats.js.errors
 import pytest
 from facegrid.audit_chain import verify_chain
 from facegrid.v1 import (
@@ -30,6 +33,8 @@ from facegrid.v1 import (
     face_service_pb2,
     ingest_pb2,
 )
+from facegrid_ingest.event_log import source_token
+from facegrid_ingest.leases import DEFAULT_LEASES_BUCKET, lease_key
 from google.protobuf import duration_pb2, field_mask_pb2
 
 from tests.conftest import SHARED_DATA
@@ -719,3 +724,60 @@ def test_deleting_a_processor_deletes_its_events_and_ends_its_subscribers(
     thread.join(45)  # ends at its next heartbeat check at the latest
     assert not thread.is_alive()
     assert call.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _lease_holders(s: IngestStack, processor_id: str, source_ids: list[str]) -> dict[str, str]:
+    """Who holds each source's lease right now, read from NATS KV itself."""
+
+    async def read() -> dict[str, str]:
+        nc = await nats.connect(s.nats.url)
+        try:
+            bucket = await nc.jetstream().key_value(DEFAULT_LEASES_BUCKET)
+            holders: dict[str, str] = {}
+            for source_id in source_ids:
+                key = lease_key(processor_id, source_token(source_id))
+                try:
+                    entry = await bucket.get(key)
+                except nats.js.errors.KeyNotFoundError:
+                    continue
+                holders[source_id] = (entry.value or b"").decode()
+            return holders
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def test_a_replica_stopped_with_sigterm_hands_its_sources_over_first(
+    stack: IngestStack, watchlist: str
+) -> None:
+    s = stack
+    md = s.metadata()
+    third = s.stack.group.start(
+        "ingest", port=0, instance="ingest-3", extra=["ingest.replica_id=replica-c"]
+    )
+    source_ids = [f"cam-{n}" for n in range(4)]
+    deadline = time.monotonic() + 30
+    while sorted(_lease_holders(s, "shared", source_ids).values()) != (
+        ["replica-a"] * 2 + ["replica-c"] * 2
+    ):
+        assert time.monotonic() < deadline, _lease_holders(s, "shared", source_ids)
+        time.sleep(0.5)
+    third.process.send_signal(signal.SIGTERM)
+    assert third.process.wait(30) == 0
+    del s.stack.group.services["ingest-3"]
+    # At exit its leases are already given back: none is left for others to wait out.
+    assert "replica-c" not in _lease_holders(s, "shared", source_ids).values()
+    deadline = time.monotonic() + 15
+    while set(_lease_holders(s, "shared", source_ids).values()) != {"replica-a"} or len(
+        _lease_holders(s, "shared", source_ids)
+    ) != len(source_ids):
+        assert time.monotonic() < deadline, _lease_holders(s, "shared", source_ids)
+        time.sleep(0.5)
+    stored = s.ingest.ListMatchEvents(
+        I.ListMatchEventsRequest(parent="streamProcessors/shared", page_size=1000),
+        metadata=md,
+        timeout=30,
+    ).match_events
+    ids = [e.event_id for e in stored]
+    assert len(ids) == len(set(ids))

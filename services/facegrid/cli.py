@@ -10,6 +10,7 @@ from pathlib import Path
 
 from facegrid import auth, config_reference, launcher
 from facegrid.client import commands as client_commands
+from facegrid.client import watch as watch_commands
 from facegrid.config import add_overrides_argument, load_settings
 from facegrid.evaluation import commands as evaluation_commands
 from facegrid.models.repository import TritonBackend
@@ -103,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     triton.set_defaults(handler=_triton)
 
     client_commands.register(commands)
+    watch_commands.register(commands)
     config_reference.register(commands)
     evaluation_commands.register(commands)
     return parser
