@@ -82,8 +82,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
+            # A client stream (PushFrames from a camera) may last hours: only the
+            # caller's deadline applies, as for server streams.
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, call),
+                _wrap_unary(handler.stream_unary, call, default_deadline_s=None),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -135,13 +137,15 @@ def _reason(error: ServiceError) -> str:
 
 
 def _wrap_unary(
-    inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], call: _CallRecorder
+    inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+    call: _CallRecorder,
+    default_deadline_s: float | None = DEFAULT_DEADLINE_S,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         code, reason = grpc.StatusCode.OK, ""
         try:
-            async with asyncio.timeout(_time_budget(context)):
+            async with asyncio.timeout(_time_budget(context, default_deadline_s)):
                 return await inner(request, context)
         except ServiceError as exc:
             code, reason = exc.code, _reason(exc)
@@ -195,9 +199,11 @@ def _wrap_stream(
     return run
 
 
-def _time_budget(context: grpc.aio.ServicerContext) -> float:
+def _time_budget(
+    context: grpc.aio.ServicerContext, default_s: float | None = DEFAULT_DEADLINE_S
+) -> float | None:
     remaining = context.time_remaining()
-    return DEFAULT_DEADLINE_S if remaining is None else max(0.0, remaining)
+    return default_s if remaining is None else max(0.0, remaining)
 
 
 def _deadline_error(method: str) -> ServiceError:

@@ -39,11 +39,12 @@ from facegrid.identification.faces import FacePipeline
 from facegrid.identification.flow import Identifier
 from facegrid.identification.policy import QualityPolicy, ThresholdPolicy
 from facegrid.imaging import decode_image
+from facegrid.metrics import INGEST_CONSUMER_LAG, INGEST_FRAMES
 from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
 from facegrid.v1 import ingest_pb2, ingest_pb2_grpc
 
 from facegrid_ingest import checks, urls
-from facegrid_ingest.event_log import EventLog, Start, decode_cursor
+from facegrid_ingest.event_log import EventLog, Start, StoredEvent, decode_cursor
 from facegrid_ingest.leases import LeaseManager
 from facegrid_ingest.pipeline import FramePipeline, SampledFrame
 from facegrid_ingest.processors import ProcessorStore, StoredProcessor
@@ -377,8 +378,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         sampler = _Sampler(worker.run.config.frames_per_second)
         last_sequence: int | None = None
 
+        def reject() -> None:
+            counts.frames_rejected += 1
+            worker.run.counters.frames_rejected += 1
+            INGEST_FRAMES.labels(stored.processor_id, source_id, "rejected").inc()
+
         def take(message: I.PushFramesRequest) -> None:
             nonlocal last_sequence
+            INGEST_FRAMES.labels(stored.processor_id, source_id, "received").inc()
             counts.frames_received += 1
             worker.run.counters.frames_received += 1
             if message.stream_processor and message.stream_processor != name:
@@ -386,19 +393,16 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
             if message.source_id and message.source_id != source_id:
                 raise invalid_argument("source_id", "differs from the first message's")
             if last_sequence is not None and message.sequence_number <= last_sequence:
-                counts.frames_rejected += 1
-                worker.run.counters.frames_rejected += 1
+                reject()
                 return
             last_sequence = message.sequence_number
             if len(message.frame) > self._ingest.max_frame_bytes or not message.frame:
-                counts.frames_rejected += 1
-                worker.run.counters.frames_rejected += 1
+                reject()
                 return
             try:
                 decode_image(message.frame, limits, "frame")
             except ServiceError:
-                counts.frames_rejected += 1
-                worker.run.counters.frames_rejected += 1
+                reject()
                 return
             captured = (
                 message.capture_time.ToNanoseconds() / 1e9
@@ -475,9 +479,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         subscription = await self._events.subscribe(
             processor_id=processor_id, source_ids=list(request.source_ids), start=start
         )
+        lag = _Lag(self._events)
         try:
             while True:
                 stored_event = await subscription.next(HEARTBEAT_S)
+                await lag.update(stored_event)
                 if processor_id is not None and await self._store.get(processor_id) is None:
                     await context.abort(
                         grpc.StatusCode.NOT_FOUND, f"{request.stream_processor} was deleted"
@@ -490,6 +496,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
                 )
                 yield I.StreamMatchEventsResponse(event=event)
         finally:
+            lag.close()
             with contextlib.suppress(Exception):
                 await subscription.aclose()
 
@@ -583,6 +590,31 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         token = paging.encode_page_token(str(next_after), fingerprint) if next_after else ""
         audit.results([e.name for e in events])
         return I.ListMatchEventsResponse(match_events=events, next_page_token=token)
+
+
+class _Lag:
+    """This subscription's share of ``facegrid_ingest_consumer_lag``: events stored after
+    the last one it was sent (of any processor: an upper bound), checked every 2 s."""
+
+    def __init__(self, events: EventLog) -> None:
+        self._events = events
+        self._value = 0
+        self._checked = 0.0
+
+    async def update(self, sent: StoredEvent | None) -> None:
+        now = time.monotonic()
+        if now - self._checked < 2.0:
+            return
+        self._checked = now
+        info = await self._events.js.stream_info(self._events.stream)
+        last = int(info.state.last_seq)
+        value = 0 if sent is None else max(0, last - sent.sequence)
+        INGEST_CONSUMER_LAG.inc(value - self._value)
+        self._value = value
+
+    def close(self) -> None:
+        INGEST_CONSUMER_LAG.dec(self._value)
+        self._value = 0
 
 
 class _Sampler:

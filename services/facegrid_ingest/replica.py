@@ -113,6 +113,7 @@ class SourceWorker:
     last_frame_time: float | None = None
     task: asyncio.Task[None] | None = None
     reader: PullReader | None = None
+    url: str = ""  # of a pull source
     lease_revision: int = 0  # the latest revision, renewed
     status_dirty: bool = True
     on_stop: list[Callable[[], None]] = field(default_factory=list)
@@ -208,23 +209,32 @@ class Replica:
     async def reconcile(self) -> None:
         processors = {p.processor_id: p for p in await self._store.list()}
         wanted: dict[str, tuple[StoredProcessor, VS]] = {}
+        every: dict[str, tuple[StoredProcessor, VS]] = {}
         for stored in processors.values():
             if not stored.wants_running:
                 continue
             for source in stored.processor.sources:
+                key = source_key(stored.processor_id, source.source_id)
+                every[key] = (stored, source)
                 if source.HasField("pull"):
-                    wanted[source_key(stored.processor_id, source.source_id)] = (stored, source)
-        keys = list(wanted)[: max(len(wanted), 0)]
-        assignment = await self._leases.reconcile(keys)
+                    wanted[key] = (stored, source)
+        assignment = await self._leases.reconcile(list(wanted))
         held = assignment.held
         for key in list(self.workers):
             worker = self.workers[key]
             if worker.reader is None:
-                continue  # a push source: its stream holds it
+                if key in every:  # a push source: its stream holds it
+                    self._refresh(worker, *every[key])
+                continue
             if key not in held:
                 await self._stop_worker(key)
-            else:
-                worker.lease_revision = held[key]
+                continue
+            worker.lease_revision = held[key]
+            if key in wanted and not self._refresh(worker, *wanted[key]):
+                # Another URL or frame rate: read it afresh under the same lease.
+                await self._stop_worker(key)
+                stored, source = wanted[key]
+                self._start_pull(key, stored, source, held[key])
         for key, revision in held.items():
             if key in self.workers or key not in wanted:
                 continue
@@ -237,6 +247,21 @@ class Replica:
         for key in assignment.lost:
             metrics.INGEST_LEASES_LOST.inc()
             log.warning("lease of %s lost", key)
+
+    @staticmethod
+    def _refresh(worker: SourceWorker, stored: StoredProcessor, source: VS) -> bool:
+        """Apply a changed processor to a running source (threshold, faces, delays,
+        context...); False if its reader must be reopened (URL or frame rate)."""
+        current = worker.run.config
+        fresh = source_config(stored, source, current.lease_revision)
+        if fresh == current:
+            return True
+        if worker.reader is not None and (
+            fresh.frames_per_second != current.frames_per_second or source.pull.url != worker.url
+        ):
+            return False
+        worker.run.config = fresh
+        return True
 
     # ------------------------------------------------------------------ pull sources
 
@@ -260,6 +285,7 @@ class Replica:
         worker.reader = PullReader(
             source.pull.url, sample_fps=config.frames_per_second, on_state=on_state
         )
+        worker.url = source.pull.url
         worker.task = asyncio.create_task(self._read(worker), name=f"ingest-read-{key}")
         self.workers[key] = worker
         metrics.INGEST_LEASE_OWNER.labels(config.processor_id, config.source_id).set(1)
