@@ -141,6 +141,8 @@ class ServiceGroup:
         ``extra``: settings of this instance only.
         """
         key = instance or name
+        if key in self.services:
+            raise ValueError(f"{key} is running already: name another instance")
         if port == 0:
             port, free_metrics_port = free_ports(2)
             metrics_port = metrics_port or free_metrics_port
