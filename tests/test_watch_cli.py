@@ -274,7 +274,7 @@ def test_replay_follows_until_interrupted(
         assert first["kind"] == "event"
         assert first["match_event"]["event_id"] == live[0]["event_id"]
         process.send_signal(signal.SIGINT)
-        code = process.wait(timeout=30)
+        code = process.wait(timeout=60)
     finally:
         _reap(process)
     rest = _drain(lines)

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import re
+import signal
 import sys
 import threading
 import time
@@ -417,11 +419,23 @@ def _runner(handler: IngestHandler) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         errors = output.console(stderr=True)
         address = args.ingest or ""
+        # Ctrl-C (and SIGTERM) end a watch cleanly even when this process was started
+        # with SIGINT ignored, as a shell does for a background job: Python then
+        # installs no handler of its own.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             token = read_token(args.token)
             address = address or default_ingest_address()
             with IngestClient.connect(address, token, args.timeout) as client:
-                return handler(args, client)
+                code = handler(args, client)
+            if any(subscription.stuck for subscription in _SUBSCRIPTIONS):
+                # A reader thread stuck in a gRPC call would hold up the interpreter's
+                # exit: leave now, with everything printed.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+            return code
         except grpc.RpcError as error:
             _print_rpc_error(errors, error, address)
             return 1
@@ -953,6 +967,9 @@ def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
 
 # -- the event stream --------------------------------------------------------------------
 
+# Every subscription of this process, to check at exit that none is stuck.
+_SUBSCRIPTIONS: list[_Subscription] = []
+
 # What the subscription hands over: an event, a notice to print, a fatal error, or
 # nothing (the wait ran out).
 _Item: TypeAlias = I.MatchEvent | str | Exception | None
@@ -986,6 +1003,7 @@ class _Subscription:
         self._began = timestamp_pb2.Timestamp()
         self._last_message = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="facegrid-watch", daemon=True)
+        _SUBSCRIPTIONS.append(self)
 
     def start(self) -> None:
         self._began.GetCurrentTime()
@@ -1012,7 +1030,13 @@ class _Subscription:
         with self._lock:
             if self._call is not None:
                 self._call.cancel()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=5)
+
+    @property
+    def stuck(self) -> bool:
+        """The reader thread did not end after close(): a gRPC call that would not
+        cancel. Exiting normally could then wait on it at interpreter shutdown."""
+        return self._thread.is_alive()
 
     def _resume_request(self) -> I.StreamMatchEventsRequest:
         if self._cursor:
