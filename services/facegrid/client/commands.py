@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import field_mask_pb2
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from facegrid.audit_chain import verify_chain
@@ -73,7 +74,7 @@ MAX_JUSTIFICATION = 2000
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:
     """Add the client's sub-commands to the `facegrid` command."""
-    connection = _connection_options()
+    connection = connection_options()
     identification = _identification_options()
 
     def leaf(
@@ -344,11 +345,16 @@ def _register_audit(commands: argparse._SubParsersAction[Any], leaf: Leaf) -> No
 # -- shared options ---------------------------------------------------------------------
 
 
-def _connection_options() -> argparse.ArgumentParser:
+def connection_options(
+    flag: str = "--address", service: str = "gateway", setting: str = "gateway.port"
+) -> argparse.ArgumentParser:
+    """--address (or ``flag``) of ``service``, --token and --timeout."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("connection")
     group.add_argument(
-        "--address", help="gateway host:port (default 127.0.0.1 and the gateway.port setting)"
+        flag,
+        metavar="ADDRESS",
+        help=f"{service} host:port (default 127.0.0.1 and the {setting} setting)",
     )
     group.add_argument(
         "--token", help="bearer token (default $FACEGRID_TOKEN, else var/admin.token)"
@@ -402,12 +408,7 @@ def _runner(handler: Handler) -> Callable[[argparse.Namespace], int]:
             with FaceClient.connect(address, token, args.timeout) as client:
                 return handler(args, client)
         except grpc.RpcError as error:
-            lines = describe_rpc_error(error)
-            errors.print(f"error: {lines[0]}")
-            for line in lines[1:]:
-                errors.print(line)
-            if status_code(error) == grpc.StatusCode.UNAVAILABLE:
-                errors.print(f"  (is the gateway running at {address}?)")
+            print_rpc_error(errors, error, "gateway", address)
             return 1
         except (ClientError, ManifestError, PhotoError, OSError) as error:
             errors.print(f"error: {error}")
@@ -417,6 +418,16 @@ def _runner(handler: Handler) -> Callable[[argparse.Namespace], int]:
             return 130
 
     return run
+
+
+def print_rpc_error(errors: Console, error: Exception, service: str, address: str) -> None:
+    """A failed call as a few lines on ``errors``; where to look if unreachable."""
+    lines = describe_rpc_error(error)
+    errors.print(f"error: {lines[0]}")
+    for line in lines[1:]:
+        errors.print(line)
+    if status_code(error) == grpc.StatusCode.UNAVAILABLE:
+        errors.print(f"  (is the {service} running at {address}?)")
 
 
 # -- argument types ----------------------------------------------------------------------

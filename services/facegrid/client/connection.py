@@ -55,13 +55,15 @@ def open_channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=options)
 
 
-class FaceClient:
-    """FaceService calls with the caller's token and a deadline on every one.
+Client = TypeVar("Client", bound="ServiceClient")
 
-    ``stub`` is a ``FaceServiceStub`` or anything with the same methods (tests pass an
-    in-memory fake). Identification and mutating calls are never retried: a retry
-    would write a second audit record or act twice.
-    """
+
+class ServiceClient:
+    """Calls of one gRPC service with the caller's token and a deadline on every one;
+    only calls marked idempotent are retried (on UNAVAILABLE, with exponential backoff).
+    Subclasses name their stub class and their methods."""
+
+    stub_class: Callable[[grpc.Channel], Any]
 
     def __init__(
         self,
@@ -78,11 +80,11 @@ class FaceClient:
     @classmethod
     @contextmanager
     def connect(
-        cls, address: str, token: str, deadline_s: float = DEFAULT_DEADLINE_S
-    ) -> Iterator[FaceClient]:
+        cls: type[Client], address: str, token: str, deadline_s: float = DEFAULT_DEADLINE_S
+    ) -> Iterator[Client]:
         """A client on a new channel to ``address``, closed on exit."""
         with open_channel(address) as channel:
-            yield cls(face_service_pb2_grpc.FaceServiceStub(channel), token, deadline_s)
+            yield cls(cls.stub_class(channel), token, deadline_s)
 
     def _call(self, method: str, request: Message, response: type[R], idempotent: bool) -> R:
         rpc = getattr(self.stub, method)
@@ -101,6 +103,17 @@ class FaceClient:
                 raise TypeError(f"{method} returned {type(reply).__name__}")
             return reply
         raise AssertionError("unreachable")
+
+
+class FaceClient(ServiceClient):
+    """FaceService calls with the caller's token and a deadline on every one.
+
+    ``stub`` is a ``FaceServiceStub`` or anything with the same methods (tests pass an
+    in-memory fake). Identification and mutating calls are never retried: a retry
+    would write a second audit record or act twice.
+    """
+
+    stub_class = face_service_pb2_grpc.FaceServiceStub
 
     # -- detection and comparison ------------------------------------------------
     def detect_faces(self, request: fs.DetectFacesRequest) -> fs.DetectFacesResponse:

@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
@@ -37,10 +36,9 @@ import grpc
 from google.protobuf import field_mask_pb2, json_format, timestamp_pb2
 from google.protobuf.message import Message
 from PIL import Image
-from rich.console import Console
 from rich.table import Table
 
-from facegrid.auth import bearer_metadata, read_token
+from facegrid.auth import read_token
 from facegrid.client import output
 from facegrid.client.commands import (
     PURPOSES,
@@ -48,16 +46,15 @@ from facegrid.client.commands import (
     _case_id,
     _collection_name,
     _justification,
-    _positive_float,
     _similarity,
+    connection_options,
+    print_rpc_error,
 )
 from facegrid.client.connection import (
-    DEFAULT_DEADLINE_S,
-    RETRY_ATTEMPTS,
     RETRY_FIRST_DELAY_S,
     ClientError,
+    ServiceClient,
     describe_rpc_error,
-    open_channel,
     status_code,
 )
 from facegrid.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
@@ -116,51 +113,14 @@ def default_ingest_address() -> str:
     return f"127.0.0.1:{load_settings().ingest.port}"
 
 
-class IngestClient:
+class IngestClient(ServiceClient):
     """IngestService calls with the caller's token and a deadline on every one.
 
     Only idempotent calls are retried (on UNAVAILABLE, with exponential backoff);
     CreateStreamProcessor and DeleteStreamProcessor are not.
     """
 
-    def __init__(
-        self,
-        stub: Any,
-        token: str,
-        deadline_s: float = DEFAULT_DEADLINE_S,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self.stub = stub
-        self.metadata = bearer_metadata(token)
-        self.deadline_s = deadline_s
-        self._sleep = sleep
-
-    @classmethod
-    @contextmanager
-    def connect(
-        cls, address: str, token: str, deadline_s: float = DEFAULT_DEADLINE_S
-    ) -> Iterator[IngestClient]:
-        """A client on a new channel to ``address``, closed on exit."""
-        with open_channel(address) as channel:
-            yield cls(ingest_pb2_grpc.IngestServiceStub(channel), token, deadline_s)
-
-    def _call(self, method: str, request: Message, response: type[R], idempotent: bool) -> R:
-        rpc = getattr(self.stub, method)
-        attempts = RETRY_ATTEMPTS if idempotent else 1
-        delay = RETRY_FIRST_DELAY_S
-        for attempt in range(1, attempts + 1):
-            try:
-                reply = rpc(request, metadata=self.metadata, timeout=self.deadline_s)
-            except grpc.RpcError as error:
-                if attempt == attempts or status_code(error) != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                self._sleep(delay)
-                delay *= 2
-                continue
-            if not isinstance(reply, response):
-                raise TypeError(f"{method} returned {type(reply).__name__}")
-            return reply
-        raise AssertionError("unreachable")
+    stub_class = ingest_pb2_grpc.IngestServiceStub
 
     def create(self, request: I.CreateStreamProcessorRequest) -> SP:
         reply = self._call("CreateStreamProcessor", request, I.CreateStreamProcessorResponse, False)
@@ -240,29 +200,9 @@ IngestHandler = Callable[[argparse.Namespace, IngestClient], int]
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:
     """Add `watch` and `processors` to the `facegrid` command."""
-    connection = _connection_options()
+    connection = connection_options("--ingest", "ingest service", "ingest.port")
     _register_watch(commands, connection)
     _register_processors(commands, connection)
-
-
-def _connection_options() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group("connection")
-    group.add_argument(
-        "--ingest",
-        metavar="ADDRESS",
-        help="ingest service host:port (default 127.0.0.1 and the ingest.port setting)",
-    )
-    group.add_argument(
-        "--token", help="bearer token (default $FACEGRID_TOKEN, else var/admin.token)"
-    )
-    group.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=DEFAULT_DEADLINE_S,
-        help=f"deadline of each call, in seconds (default {DEFAULT_DEADLINE_S:.0f})",
-    )
-    return parser
 
 
 def _register_watch(
@@ -437,7 +377,7 @@ def _runner(handler: IngestHandler) -> Callable[[argparse.Namespace], int]:
                 os._exit(code)
             return code
         except grpc.RpcError as error:
-            _print_rpc_error(errors, error, address)
+            print_rpc_error(errors, error, "ingest service", address)
             return 1
         except (ClientError, OSError) as error:
             errors.print(f"error: {error}")
@@ -447,15 +387,6 @@ def _runner(handler: IngestHandler) -> Callable[[argparse.Namespace], int]:
             return 130
 
     return run
-
-
-def _print_rpc_error(errors: Console, error: Exception, address: str) -> None:
-    lines = describe_rpc_error(error)
-    errors.print(f"error: {lines[0]}")
-    for line in lines[1:]:
-        errors.print(line)
-    if status_code(error) == grpc.StatusCode.UNAVAILABLE:
-        errors.print(f"  (is the ingest service running at {address}?)")
 
 
 # -- argument types ----------------------------------------------------------------------
@@ -751,7 +682,7 @@ def _stop(client: IngestClient, name: str, printer: _Printer, address: str) -> b
     except grpc.RpcError as error:
         if status_code(error) == grpc.StatusCode.NOT_FOUND:
             return True  # deleted meanwhile: nothing to stop
-        _print_rpc_error(output.console(stderr=True), error, address)
+        print_rpc_error(output.console(stderr=True), error, "ingest service", address)
         return False
     return True
 
