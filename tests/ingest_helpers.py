@@ -7,7 +7,6 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 from facegrid.nats_server import NatsServer
@@ -40,11 +39,6 @@ class IngestStack:
 
     def metadata(self) -> tuple[tuple[str, str]]:
         return self.stack.metadata()
-
-    def start_ingest(self, instance: str, replica: str) -> Any:
-        return self.stack.group.start(
-            "ingest", port=0, instance=instance, extra=[f"ingest.replica_id={replica}"]
-        )
 
 
 @contextlib.contextmanager

@@ -40,6 +40,8 @@ import nats.js.errors
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
+from facegrid_ingest.kv import bucket_keys
+
 log = logging.getLogger(__name__)
 
 DEFAULT_REPLICAS_BUCKET = "facegrid_replicas"
@@ -205,14 +207,8 @@ class LeaseManager:
     async def live_replicas(self) -> list[str]:
         """The replicas whose heartbeat has not run out, sorted."""
         bucket = self.replicas_kv
-        stream = f"KV_{self.replicas_bucket}"
-        prefix = f"$KV.{self.replicas_bucket}."
-        # One request for the subjects (not kv.keys(), which leaves a watcher's consumer on
-        # the server for minutes); a key's last message may be a delete marker.
-        info = await self.js.stream_info(stream, subjects_filter=f"{prefix}>")
         live = []
-        for subject in sorted(info.state.subjects or {}):
-            key = subject[len(prefix) :]
+        for key in await bucket_keys(self.js, self.replicas_bucket):
             with contextlib.suppress(nats.js.errors.KeyNotFoundError):
                 await bucket.get(key)
                 live.append(key)

@@ -149,7 +149,6 @@ class FramePipeline:
         self._ready: asyncio.Queue[SourceRun] = asyncio.Queue()
         self._collections: dict[str, tuple[float, resources_pb2.Collection]] = {}
         self._task: asyncio.Task[None] | None = None
-        self.batches = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="ingest-batches")
@@ -211,7 +210,6 @@ class FramePipeline:
 
     async def _process(self, batch: list[tuple[SourceRun, SampledFrame]]) -> None:
         deadline = Deadline.after(self._timeout_s)
-        self.batches += 1
         metrics.INGEST_BATCH_FRAMES.observe(len(batch))
         with telemetry.span("ingest.batch", frame_count=len(batch)):
             detected = await asyncio.gather(

@@ -22,9 +22,10 @@ from nats.js.errors import (
     BucketNotFoundError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
 )
 from nats.js.kv import KeyValue
+
+from facegrid_ingest.kv import bucket_keys
 
 StreamProcessor = ingest_pb2.StreamProcessor
 VideoSource = ingest_pb2.VideoSource
@@ -69,7 +70,8 @@ def _decode(value: bytes, revision: int) -> StoredProcessor:
 class ProcessorStore:
     """Stream processors by id, and source statuses by lease key."""
 
-    def __init__(self, processors: KeyValue, status: KeyValue) -> None:
+    def __init__(self, js: JetStreamContext, processors: KeyValue, status: KeyValue) -> None:
+        self._js = js
         self._processors = processors
         self._status = status
 
@@ -81,7 +83,9 @@ class ProcessorStore:
             except BucketNotFoundError:
                 return await js.create_key_value(bucket=name, history=1, ttl=ttl)
 
-        return cls(await bucket(PROCESSORS_BUCKET, None), await bucket(STATUS_BUCKET, status_ttl_s))
+        return cls(
+            js, await bucket(PROCESSORS_BUCKET, None), await bucket(STATUS_BUCKET, status_ttl_s)
+        )
 
     async def create(self, processor: StreamProcessor, principal: str) -> StoredProcessor | None:
         """None if the id is taken."""
@@ -103,11 +107,8 @@ class ProcessorStore:
         return _decode(entry.value, entry.revision)
 
     async def list(self) -> list[StoredProcessor]:
-        try:
-            keys = await self._processors.keys()
-        except NoKeysError:
-            return []
-        found = [await self.get(key) for key in sorted(keys)]
+        """Every processor, by id (deleted ones skipped)."""
+        found = [await self.get(key) for key in await bucket_keys(self._js, PROCESSORS_BUCKET)]
         return [f for f in found if f is not None]
 
     async def change(

@@ -27,7 +27,7 @@ from facegrid import metrics
 from facegrid.accountability import AuditDraft
 from facegrid.audit_log import AuditLog
 from facegrid.config import IngestSettings
-from facegrid.v1 import common_pb2, face_service_pb2, ingest_pb2
+from facegrid.v1 import face_service_pb2, ingest_pb2
 from google.protobuf import timestamp_pb2
 
 from facegrid_ingest.event_log import EventLog, source_token
@@ -472,7 +472,3 @@ class Replica:
         if not include_chip:
             event.face.ClearField("chip")
         return event
-
-
-def identification_context_of(processor: SP) -> common_pb2.IdentificationContext:
-    return processor.context
