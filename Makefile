@@ -87,6 +87,10 @@ system-packages:
 	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get install -y -q rtsp-server-perl >/dev/null 2>&1 && echo "installed rtsp-server-perl"; } || \
 	echo "rtsp-server-perl is missing: the RTSP tests will skip (apt-get install rtsp-server-perl)"
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v initdb >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get install -y -q postgresql >/dev/null 2>&1 && echo "installed postgresql"; } || \
+	echo "PostgreSQL is missing: the PostgreSQL audit-log tests will skip (apt-get install postgresql)"
 
 test: venv triton-venv milvus-venv protos models system-packages lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -247,6 +247,7 @@ def start_stack(overrides: list[str], work_dir: Path) -> Stack:
             f"store.uri={work_dir / 'facegrid.db'}",
             f"gateway.credentials_file={credentials}",
             f"gateway.audit_path={work_dir / 'audit.db'}",
+            f"gateway.audit_signing_key_file={work_dir / 'audit-signing.key'}",
         ],
         log_dir=work_dir / "logs",
     )

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from facegrid.accountability import AuditDraft, Gatekeeper
 from facegrid.audit_chain import record_digest, verify_chain
-from facegrid.audit_log import AuditChainError, AuditLog
+from facegrid.audit_log import AuditChainError, SqliteAuditLog
 from facegrid.auth import Credentials
 from facegrid.errors import ServiceError
 from facegrid.v1 import common_pb2, face_service_pb2
@@ -20,7 +20,7 @@ from facegrid.v1 import common_pb2, face_service_pb2
 AuditRecord = face_service_pb2.AuditRecord
 
 
-def _append(log: AuditLog, count: int, case_id: str = "C-1") -> list[AuditRecord]:
+def _append(log: SqliteAuditLog, count: int, case_id: str = "C-1") -> list[AuditRecord]:
     async def run() -> list[AuditRecord]:
         return [
             await log.append(
@@ -41,7 +41,7 @@ def _append(log: AuditLog, count: int, case_id: str = "C-1") -> list[AuditRecord
 
 
 def test_records_are_chained_and_verify(tmp_path: Path) -> None:
-    log = AuditLog(tmp_path / "audit.db")
+    log = SqliteAuditLog(tmp_path / "audit.db")
     records = _append(log, 5)
     assert [r.sequence_number for r in records] == [1, 2, 3, 4, 5]
     assert records[0].previous_record_hash == b""
@@ -55,7 +55,7 @@ def test_records_are_chained_and_verify(tmp_path: Path) -> None:
     assert asyncio.run(log.get(records[2].name.split("/")[1])) == records[2]
     log.close()
     # Reopened, the chain goes on where it stopped.
-    reopened = AuditLog(tmp_path / "audit.db")
+    reopened = SqliteAuditLog(tmp_path / "audit.db")
     more = _append(reopened, 1)
     assert more[0].sequence_number == 6
     assert more[0].previous_record_hash == records[-1].record_hash
@@ -63,7 +63,7 @@ def test_records_are_chained_and_verify(tmp_path: Path) -> None:
 
 
 def test_records_cannot_be_updated_or_deleted_through_sqlite(tmp_path: Path) -> None:
-    log = AuditLog(tmp_path / "audit.db")
+    log = SqliteAuditLog(tmp_path / "audit.db")
     _append(log, 2)
     log.close()
     db = sqlite3.connect(tmp_path / "audit.db")
@@ -76,7 +76,7 @@ def test_records_cannot_be_updated_or_deleted_through_sqlite(tmp_path: Path) -> 
 
 def test_a_tampered_log_is_refused_at_start(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
-    log = AuditLog(path)
+    log = SqliteAuditLog(path)
     records = _append(log, 3)
     log.close()
     # Someone with write access to the file drops the triggers and edits a record.
@@ -92,13 +92,13 @@ def test_a_tampered_log_is_refused_at_start(tmp_path: Path) -> None:
     db.commit()
     db.close()
     with pytest.raises(AuditChainError, match="record 2"):
-        AuditLog(path)
+        SqliteAuditLog(path)
     assert not verify_chain([records[0], edited, records[2]]).intact
 
 
 def test_no_results_without_an_audit_record(tmp_path: Path) -> None:
     """If the record cannot be written, the call fails with UNAVAILABLE."""
-    log = AuditLog(tmp_path / "audit.db")
+    log = SqliteAuditLog(tmp_path / "audit.db")
     gatekeeper = Gatekeeper(Credentials([]), log, "facegrid.v1.FaceService")
     log.close()  # the log is gone: every write fails
     draft = AuditDraft(AuditRecord(principal="p", method="/m"))
@@ -108,7 +108,7 @@ def test_no_results_without_an_audit_record(tmp_path: Path) -> None:
 
 
 def _write_from_another_process(path: str, count: int, case_id: str, go: Any) -> None:
-    log = AuditLog(Path(path))
+    log = SqliteAuditLog(Path(path))
     go.wait(60)  # a Barrier: both begin together
     _append(log, count, case_id)
     log.close()
@@ -120,7 +120,7 @@ def test_two_writing_processes_never_fork_the_chain(tmp_path: Path) -> None:
     import multiprocessing
 
     path = tmp_path / "audit.db"
-    AuditLog(path).close()
+    SqliteAuditLog(path).close()
     spawn = multiprocessing.get_context("spawn")
     go = spawn.Barrier(2)
     writers = [
@@ -132,7 +132,7 @@ def test_two_writing_processes_never_fork_the_chain(tmp_path: Path) -> None:
     for writer in writers:
         writer.join(timeout=120)
         assert writer.exitcode == 0
-    log = AuditLog(path)
+    log = SqliteAuditLog(path)
     page = asyncio.run(log.list(face_service_pb2.AuditRecordFilter(), 0, 1000))
     log.close()
     assert len(page.records) == 300

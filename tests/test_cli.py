@@ -9,10 +9,13 @@ need no server run without it.
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from conftest import Stack
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from facegrid import audit_checkpoint
 from facegrid.cli import main
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -291,3 +294,43 @@ def test_audit_verify(cli: Cli) -> None:
     code, _, err = cli("audit", "verify", "--expect", f"{sequence}:{'0' * 64}")
     assert code == 1
     assert "BROKEN" in err
+
+
+def test_audit_checkpoint_is_signed_and_checked(cli: Cli, tmp_path: Path) -> None:
+    cli.ok("audit", "list")  # the log holds at least this call's record
+    note = tmp_path / "checkpoint.txt"
+    out = cli.ok("audit", "checkpoint", "--out", str(note))
+    assert "checkpoint of record" in out
+    public_key = cli.stack.work_dir / "audit-signing.key.pub"
+    assert public_key.is_file()
+    key_file = cli.stack.work_dir / "audit-signing.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    text = note.read_text()
+    assert text.startswith("facegrid-audit\n")
+    out = cli.ok("audit", "verify", "--checkpoint", str(note), "--public-key", str(public_key))
+    assert "audit log intact" in out
+    # A checkpoint whose hash the log does not hold (as after a rewrite): BROKEN.
+    sequence = int(text.split("\n")[1])
+    assert sequence >= 1
+    key = audit_checkpoint.load_or_create_key(key_file)
+    bad = audit_checkpoint.sign(
+        audit_checkpoint.Checkpoint(sequence, b"\x00" * 32, datetime.now(UTC)), key
+    )
+    note.write_text(bad)
+    code, _, err = cli(
+        "audit", "verify", "--checkpoint", str(note), "--public-key", str(public_key)
+    )
+    assert code == 1
+    assert "BROKEN" in err
+    # Signed by another key: refused before the chain is read.
+    stranger = Ed25519PrivateKey.generate()
+    note.write_text(
+        audit_checkpoint.sign(
+            audit_checkpoint.Checkpoint(sequence, b"\x00" * 32, datetime.now(UTC)), stranger
+        )
+    )
+    code, _, err = cli(
+        "audit", "verify", "--checkpoint", str(note), "--public-key", str(public_key)
+    )
+    assert code == 1
+    assert "no signature by this key" in err

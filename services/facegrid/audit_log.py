@@ -10,20 +10,25 @@ covers the previous record's hash (see AuditRecord in face_service.proto), so an
 edited or removed record breaks the chain for anyone who verifies it
 (``facegrid audit verify``). Triggers refuse UPDATE and DELETE, so the gateway (or an
 operator's slip) cannot change a record through SQLite either. Writes are durable
-(``synchronous=FULL``) before the call's results are returned. Several replicas on
-several machines need a shared database server instead: not done yet.
+(``synchronous=FULL``) before the call's results are returned. Replicas on several
+machines share a PostgreSQL server instead (facegrid.audit_postgres), chosen by
+``gateway.audit_database_url``; `open_audit_log` picks the one configured.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import sqlite3
 import threading
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from facegrid.audit_chain import record_digest
+from facegrid.config import GatewaySettings
 from facegrid.v1 import face_service_pb2
 
 AuditRecord = face_service_pb2.AuditRecord
@@ -66,11 +71,120 @@ class Page:
     more: bool
 
 
+class AuditLog(Protocol):
+    """What the services need of an audit log, whichever database holds it."""
+
+    async def append(self, record: AuditRecord) -> AuditRecord:
+        """Chain, hash and durably store a record; return it as stored."""
+        ...
+
+    async def get(self, record_id: str) -> AuditRecord | None: ...
+
+    async def list(self, where: AuditRecordFilter, after: int, size: int) -> Page: ...
+
+    async def head(self) -> AuditRecord | None:
+        """The newest record (the chain's head); None while the log is empty."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_audit_log(gateway: GatewaySettings) -> AuditLog:
+    """The configured log: PostgreSQL when ``audit_database_url`` is set, else SQLite."""
+    if gateway.audit_database_url:
+        from facegrid.audit_postgres import PostgresAuditLog  # psycopg only when used
+
+        return PostgresAuditLog(gateway.audit_database_url)
+    return SqliteAuditLog(gateway.audit_path)
+
+
+def check_tail(rows: Iterable[Sequence[object]]) -> None:
+    """Check the newest records, given newest first as (sequence, record, hash)."""
+    following: AuditRecord | None = None
+    for sequence_value, blob, stored in rows:
+        sequence = int(sequence_value)  # type: ignore[call-overload]
+        stored_hash = bytes(stored)  # type: ignore[call-overload]
+        record = AuditRecord.FromString(bytes(blob))  # type: ignore[call-overload]
+        if record.sequence_number != sequence or record_digest(record) != stored_hash:
+            raise AuditChainError(f"audit record {sequence} does not match its hash")
+        if following is not None and (
+            following.previous_record_hash != stored_hash
+            or following.sequence_number != sequence + 1
+        ):
+            raise AuditChainError(f"the audit chain is broken after record {sequence}")
+        following = record
+
+
+def next_record(draft: AuditRecord, last: Sequence[object] | None) -> AuditRecord:
+    """The record to store after the tail ``last`` (sequence, hash): named, chained, hashed."""
+    record = AuditRecord()
+    record.CopyFrom(draft)
+    record.name = NAME_PREFIX + str(uuid.uuid4())
+    record.sequence_number = 1 if last is None else int(last[0]) + 1  # type: ignore[call-overload]
+    record.previous_record_hash = b"" if last is None else bytes(last[1])  # type: ignore[call-overload]
+    record.record_hash = record_digest(record)
+    return record
+
+
+def index_columns(record: AuditRecord) -> tuple[object, ...]:
+    """The row both databases store for a record: indexed columns, record, hash."""
+    return (
+        record.sequence_number,
+        record.name.removeprefix(NAME_PREFIX),
+        record.create_time.ToMicroseconds(),
+        record.principal,
+        record.method,
+        record.context.case_id,
+        int(record.context.purpose),
+        record.collection,
+        record.SerializeToString(deterministic=True),
+        record.record_hash,
+    )
+
+
+def filter_clauses(
+    where: AuditRecordFilter, after: int, placeholder: str
+) -> tuple[list[str], list[object]]:
+    """SQL conditions (and their values) of a ListAuditRecords filter, for either database."""
+    clauses = [f"sequence_number > {placeholder}"]
+    values: list[object] = [max(after, where.min_sequence_number - 1)]
+    for column, value in (
+        ("principal", where.principal),
+        ("case_id", where.case_id),
+        ("collection", where.collection),
+        ("method", where.method),
+    ):
+        if value:
+            clauses.append(f"{column} = {placeholder}")
+            values.append(value)
+    if where.purpose:
+        clauses.append(f"purpose = {placeholder}")
+        values.append(int(where.purpose))
+    time_range = where.create_time_range
+    if time_range.HasField("start_time"):
+        clauses.append(f"create_time_us >= {placeholder}")
+        values.append(time_range.start_time.ToMicroseconds())
+    if time_range.HasField("end_time"):
+        clauses.append(f"create_time_us < {placeholder}")
+        values.append(time_range.end_time.ToMicroseconds())
+    return clauses, values
+
+
+def page_of(rows: Sequence[Sequence[object]], size: int) -> Page:
+    """A page from up to ``size + 1`` rows of (sequence, record)."""
+    page = rows[:size]
+    return Page(
+        records=[AuditRecord.FromString(bytes(blob)) for _, blob in page],  # type: ignore[call-overload]
+        last_sequence=int(page[-1][0]) if page else 0,  # type: ignore[call-overload]
+        more=len(rows) > size,
+    )
+
+
 # How long an append waits for another process's write lock before failing.
 _BUSY_TIMEOUT_S = 10.0
 
 
-class AuditLog:
+class SqliteAuditLog:
     """Appends records in order (writers in several processes) and reads them back."""
 
     def __init__(self, path: Path) -> None:
@@ -83,28 +197,15 @@ class AuditLog:
         self._db.executescript(_SCHEMA)
         self._thread_lock = threading.Lock()
         self._append_lock = asyncio.Lock()
-        self._check_tail()
-
-    def _check_tail(self) -> None:
-        rows = self._db.execute(
-            "SELECT sequence_number, record, record_hash FROM audit_records "
-            "ORDER BY sequence_number DESC LIMIT ?",
-            (STARTUP_CHECK_RECORDS,),
-        ).fetchall()
-        following: AuditRecord | None = None
-        for sequence, blob, stored_hash in rows:
-            record = AuditRecord.FromString(blob)
-            if record.sequence_number != sequence or record_digest(record) != stored_hash:
-                raise AuditChainError(f"audit record {sequence} does not match its hash")
-            if following is not None and (
-                following.previous_record_hash != stored_hash
-                or following.sequence_number != sequence + 1
-            ):
-                raise AuditChainError(f"the audit chain is broken after record {sequence}")
-            following = record
+        check_tail(
+            self._db.execute(
+                "SELECT sequence_number, record, record_hash FROM audit_records "
+                "ORDER BY sequence_number DESC LIMIT ?",
+                (STARTUP_CHECK_RECORDS,),
+            ).fetchall()
+        )
 
     async def append(self, record: AuditRecord) -> AuditRecord:
-        """Chain, hash and durably store a record; return it as stored."""
         async with self._append_lock:
             return await asyncio.to_thread(self._append, record)
 
@@ -112,78 +213,41 @@ class AuditLog:
         with self._thread_lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                record = self._chain_and_insert(draft)
+                last = self._db.execute(
+                    "SELECT sequence_number, record_hash FROM audit_records "
+                    "ORDER BY sequence_number DESC LIMIT 1"
+                ).fetchone()
+                record = next_record(draft, last)
+                self._db.execute(
+                    "INSERT INTO audit_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    index_columns(record),
+                )
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
             return record
 
-    def _chain_and_insert(self, draft: AuditRecord) -> AuditRecord:
-        """Within the write transaction: the next record after the current tail."""
-        last = self._db.execute(
-            "SELECT sequence_number, record_hash FROM audit_records "
-            "ORDER BY sequence_number DESC LIMIT 1"
-        ).fetchone()
-        record = AuditRecord()
-        record.CopyFrom(draft)
-        record_id = str(uuid.uuid4())
-        record.name = NAME_PREFIX + record_id
-        record.sequence_number = 1 if last is None else int(last[0]) + 1
-        record.previous_record_hash = b"" if last is None else bytes(last[1])
-        record.record_hash = record_digest(record)
-        self._db.execute(
-            "INSERT INTO audit_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.sequence_number,
-                record_id,
-                record.create_time.ToMicroseconds(),
-                record.principal,
-                record.method,
-                record.context.case_id,
-                int(record.context.purpose),
-                record.collection,
-                record.SerializeToString(deterministic=True),
-                record.record_hash,
-            ),
-        )
-        return record
-
     async def get(self, record_id: str) -> AuditRecord | None:
-        return await asyncio.to_thread(self._get, record_id)
+        return await asyncio.to_thread(
+            self._one, "SELECT record FROM audit_records WHERE record_id = ?", (record_id,)
+        )
 
-    def _get(self, record_id: str) -> AuditRecord | None:
+    async def head(self) -> AuditRecord | None:
+        return await asyncio.to_thread(
+            self._one, "SELECT record FROM audit_records ORDER BY sequence_number DESC LIMIT 1", ()
+        )
+
+    def _one(self, sql: str, values: tuple[object, ...]) -> AuditRecord | None:
         with self._thread_lock:
-            row = self._db.execute(
-                "SELECT record FROM audit_records WHERE record_id = ?", (record_id,)
-            ).fetchone()
+            row = self._db.execute(sql, values).fetchone()
         return None if row is None else AuditRecord.FromString(row[0])
 
     async def list(self, where: AuditRecordFilter, after: int, size: int) -> Page:
         return await asyncio.to_thread(self._list, where, after, size)
 
     def _list(self, where: AuditRecordFilter, after: int, size: int) -> Page:
-        clauses = ["sequence_number > ?"]
-        values: list[object] = [max(after, where.min_sequence_number - 1)]
-        for column, value in (
-            ("principal", where.principal),
-            ("case_id", where.case_id),
-            ("collection", where.collection),
-            ("method", where.method),
-        ):
-            if value:
-                clauses.append(f"{column} = ?")
-                values.append(value)
-        if where.purpose:
-            clauses.append("purpose = ?")
-            values.append(int(where.purpose))
-        time_range = where.create_time_range
-        if time_range.HasField("start_time"):
-            clauses.append("create_time_us >= ?")
-            values.append(time_range.start_time.ToMicroseconds())
-        if time_range.HasField("end_time"):
-            clauses.append("create_time_us < ?")
-            values.append(time_range.end_time.ToMicroseconds())
+        clauses, values = filter_clauses(where, after, "?")
         sql = (
             "SELECT sequence_number, record FROM audit_records WHERE "
             + " AND ".join(clauses)
@@ -191,12 +255,14 @@ class AuditLog:
         )
         with self._thread_lock:
             rows = self._db.execute(sql, (*values, size + 1)).fetchall()
-        page = rows[:size]
-        return Page(
-            records=[AuditRecord.FromString(blob) for _, blob in page],
-            last_sequence=int(page[-1][0]) if page else 0,
-            more=len(rows) > size,
-        )
+        return page_of(rows, size)
+
+    def rows(self) -> builtins.list[tuple[object, ...]]:
+        """Every stored row in log order, as stored (what a migration copies)."""
+        with self._thread_lock:
+            return list(
+                self._db.execute("SELECT * FROM audit_records ORDER BY sequence_number").fetchall()
+            )
 
     def close(self) -> None:
         with self._thread_lock:

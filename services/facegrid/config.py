@@ -231,7 +231,20 @@ class GatewaySettings(Section):
     audit_path: Path = Field(
         Path("var/audit.db"),
         description="The audit log (SQLite, hash-chained), appended to by the gateway and "
-        "the ingest service on one machine (one chain; never forked).",
+        "the ingest service on one machine (one chain; never forked). Unused when "
+        "audit_database_url is set.",
+    )
+    audit_database_url: str = Field(
+        "",
+        description="PostgreSQL audit log shared by every gateway and ingest replica, as a "
+        "libpq URL (postgresql://user@host:port/db); keep the password out of it (PGPASSFILE "
+        "or PGPASSWORD). Empty: SQLite at audit_path.",
+    )
+    audit_signing_key_file: Path = Field(
+        Path("var/audit-signing.key"),
+        description="Ed25519 private key (PEM) that signs audit checkpoints; created (mode "
+        "0600, with its public key beside it as .pub) when missing. Give every gateway "
+        "replica the same key.",
     )
     min_similarity: float | None = Field(
         None,
@@ -386,6 +399,30 @@ class ServerSettings(Section):
         ge=0,
         description="On SIGTERM, how long health says NOT_SERVING before the server stops "
         "taking calls, so that clients and load balancers move new calls elsewhere first.",
+    )
+    max_connection_age_s: float = Field(
+        5.0,
+        ge=0,
+        description="A client connection is asked to reconnect (HTTP/2 GOAWAY) after this "
+        "long (gRPC adds 10% jitter), so that clients re-resolve the service's name and "
+        "spread over replicas added since; calls in flight, streams included, run to "
+        "their end on the old connection. 0: never.",
+    )
+    max_connection_age_grace_s: float = Field(
+        0.0,
+        ge=0,
+        description="How long calls still running on a connection past its age may go on "
+        "before it is closed. 0: until they end (long streams such as StreamMatchEvents "
+        "are never cut).",
+    )
+    keepalive_time_s: float = Field(
+        30.0,
+        gt=0,
+        description="Idle connections are pinged this often, so that a peer that vanished "
+        "(a killed pod, a dropped NAT entry) is noticed; clients may ping as often.",
+    )
+    keepalive_timeout_s: float = Field(
+        10.0, gt=0, description="A ping not answered within this closes the connection."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="Log level."

@@ -219,6 +219,41 @@ async def _abort(context: grpc.aio.ServicerContext, error: ServiceError) -> None
     await context.abort_with_status(rpc_status.to_status(error.to_status()))
 
 
+def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """gRPC core options of every facegrid server: sizes, connection age, keep-alive."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Clients ping as often as the server does (keepalive_ping_options); gRPC's own
+        # floor of 5 minutes would answer them with GOAWAY "too_many_pings".
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            int(min(settings.keepalive_time_s, 10.0) * 1000),
+        ),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+    if settings.max_connection_age_s > 0:
+        options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)))
+        if settings.max_connection_age_grace_s > 0:
+            grace_ms = int(settings.max_connection_age_grace_s * 1000)
+            options.append(("grpc.max_connection_age_grace_ms", grace_ms))
+    return options
+
+
+def keepalive_ping_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """Keep-alive of the channels one facegrid service opens to another."""
+    return [
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
 class FacegridServer:
     """A running service: server, health status and graceful shutdown."""
 
@@ -238,11 +273,7 @@ class FacegridServer:
             # OpenTelemetry's first, so that the call's span is current in ours.
             interceptors=[grpc_server_interceptor(), CallInterceptor(name)],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
-            options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=server_options(settings),
         )
         for registration in registrations:
             registration.add_to_server(self.server)

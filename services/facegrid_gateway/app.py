@@ -11,12 +11,14 @@ import hashlib
 import logging
 import math
 import uuid
+from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import grpc
-from facegrid import field_masks, names, paging, validation
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from facegrid import audit_checkpoint, field_masks, names, paging, validation
 from facegrid.accountability import AuditDraft, Gatekeeper, guarded
-from facegrid.audit_log import NAME_PREFIX, AuditLog
+from facegrid.audit_log import NAME_PREFIX, open_audit_log
 from facegrid.auth import (
     SCOPE_ADMIN,
     SCOPE_AUDIT,
@@ -35,7 +37,12 @@ from facegrid.identification.downstream import Downstream
 from facegrid.identification.faces import FacePipeline, cosines, without_chip
 from facegrid.identification.flow import Identifier
 from facegrid.identification.policy import QualityPolicy, ThresholdPolicy, check_requested
-from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
+from facegrid.server import (
+    FacegridServer,
+    ServiceRegistration,
+    keepalive_ping_options,
+    run_until_stopped,
+)
 from facegrid.v1 import (
     common_pb2,
     face_service_pb2,
@@ -74,6 +81,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         self._pipeline = pipeline
         self._flow = Identifier(downstream, pipeline, ThresholdPolicy(settings.gateway))
         self._thresholds = self._flow.thresholds
+        self._signing_key: Ed25519PrivateKey | None = None  # read on the first checkpoint
 
     # ---------------------------------------------------------------- helpers
 
@@ -681,6 +689,32 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         audit.results((), count=len(page.records))
         return F.ListAuditRecordsResponse(audit_records=page.records, next_page_token=token)
 
+    @guarded(SCOPE_AUDIT, audited=True)
+    async def GetAuditCheckpoint(  # noqa: N802
+        self, request: F.GetAuditCheckpointRequest, context: Context, audit: AuditDraft
+    ) -> F.GetAuditCheckpointResponse:
+        if self._signing_key is None:
+            self._signing_key = await asyncio.to_thread(
+                audit_checkpoint.load_or_create_key, self._settings.gateway.audit_signing_key_file
+            )
+        head = await self.gatekeeper.audit_log.head()
+        now = datetime.now(UTC).replace(microsecond=0)
+        checkpoint = audit_checkpoint.Checkpoint(
+            sequence_number=head.sequence_number if head else 0,
+            record_hash=head.record_hash if head else b"",
+            time=now,
+        )
+        response = F.GetAuditCheckpointResponse(
+            sequence_number=checkpoint.sequence_number,
+            record_hash=checkpoint.record_hash,
+            signed_note=audit_checkpoint.sign(checkpoint, self._signing_key),
+            public_key_pem=audit_checkpoint.public_pem(self._signing_key.public_key()).decode(),
+        )
+        response.create_time.FromDatetime(now)
+        if head is not None:
+            audit.target(head.name)
+        return response
+
 
 def _derived_id(request_uuid: uuid.UUID | None, parent: str, digest: str, part: str) -> str:
     """A fresh UUID, or one derived from the request id so that a retry stores the same."""
@@ -699,13 +733,14 @@ async def serve(settings: Settings) -> None:
             gateway.credentials_file,
         )
     ThresholdPolicy(gateway)  # refuses a misconfigured policy before serving
-    audit_log = AuditLog(gateway.audit_path)
+    audit_log = open_audit_log(gateway)
     downstream = Downstream(
         detection_address=gateway.detection_address,
         embedding_address=gateway.embedding_address,
         search_address=gateway.search_address,
         timeout_s=gateway.downstream_timeout_s,
         max_message_bytes=settings.server.max_message_bytes,
+        channel_options=keepalive_ping_options(settings.server),
     )
     pipeline = FacePipeline(downstream, QualityPolicy(gateway))
     gatekeeper = Gatekeeper(credentials, audit_log, "facegrid.v1.FaceService")

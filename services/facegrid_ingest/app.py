@@ -19,7 +19,7 @@ import grpc
 import nats
 from facegrid import paging
 from facegrid.accountability import AuditDraft, Gatekeeper, guarded
-from facegrid.audit_log import AuditLog
+from facegrid.audit_log import open_audit_log
 from facegrid.auth import SCOPE_INGEST_ADMIN, SCOPE_INGEST_PUSH, SCOPE_INGEST_WATCH, Credentials
 from facegrid.config import Settings
 from facegrid.errors import (
@@ -40,7 +40,12 @@ from facegrid.identification.flow import Identifier
 from facegrid.identification.policy import QualityPolicy, ThresholdPolicy
 from facegrid.imaging import decode_image
 from facegrid.metrics import INGEST_CONSUMER_LAG, INGEST_FRAMES
-from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
+from facegrid.server import (
+    FacegridServer,
+    ServiceRegistration,
+    keepalive_ping_options,
+    run_until_stopped,
+)
 from facegrid.v1 import ingest_pb2, ingest_pb2_grpc
 
 from facegrid_ingest import checks, urls
@@ -636,13 +641,14 @@ async def serve(settings: Settings) -> None:
     gateway = settings.gateway
     credentials = Credentials.load(gateway.credentials_file)
     ThresholdPolicy(gateway)  # refuses a misconfigured policy before serving
-    audit_log = AuditLog(gateway.audit_path)
+    audit_log = open_audit_log(gateway)
     downstream = Downstream(
         detection_address=ingest.detection_address,
         embedding_address=ingest.embedding_address,
         search_address=ingest.search_address,
         timeout_s=ingest.downstream_timeout_s,
         max_message_bytes=settings.server.max_message_bytes,
+        channel_options=keepalive_ping_options(settings.server),
     )
     identifier = Identifier(
         downstream, FacePipeline(downstream, QualityPolicy(gateway)), ThresholdPolicy(gateway)

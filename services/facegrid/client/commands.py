@@ -10,6 +10,7 @@ they are written to the audit log, so they are never filled in silently.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -21,6 +22,7 @@ from google.protobuf import field_mask_pb2
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from facegrid import audit_checkpoint
 from facegrid.audit_chain import verify_chain
 from facegrid.auth import read_token
 from facegrid.client import output
@@ -340,6 +342,48 @@ def _register_audit(commands: argparse._SubParsersAction[Any], leaf: Leaf) -> No
         metavar="SEQ:SHA256",
         help="a record_hash kept elsewhere; the log must hold it (detects truncation)",
     )
+    verify.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a signed checkpoint (`facegrid audit checkpoint`); the log must hold its head",
+    )
+    verify.add_argument(
+        "--public-key",
+        type=Path,
+        metavar="FILE",
+        help="the gateway's public key (PEM, the .pub beside gateway.audit_signing_key_file), "
+        "kept apart from the gateway; required with --checkpoint",
+    )
+    checkpoint = leaf(
+        audit, "checkpoint", _audit_checkpoint, "export a signed checkpoint of the chain's head"
+    )
+    checkpoint.add_argument(
+        "--out", type=Path, help="write the signed note here (default: standard output)"
+    )
+    setup = audit.add_parser(
+        "setup-database",
+        help="create the PostgreSQL audit table (as its owner) and a writer role's grants",
+        description="Create the audit table, its indexes and its append-only triggers if "
+        "missing, connected as the role that is to own them; with --writer-role, let that "
+        "role (the one gateway.audit_database_url names) only read and append.",
+    )
+    setup.add_argument("url", help="postgresql:// URL of the owner")
+    setup.add_argument("--writer-role", help="the services' role: SELECT and INSERT only")
+    setup.set_defaults(handler=_audit_setup_database)
+    migrate = audit.add_parser(
+        "migrate",
+        help="copy an SQLite audit log into an empty PostgreSQL one, keeping the chain",
+        description="Copy every record of an SQLite audit log, verbatim (names, sequence "
+        "numbers, hashes), into an empty PostgreSQL audit log, after verifying its chain. "
+        "Stop the gateway and ingest first; start them after with "
+        "gateway.audit_database_url set.",
+    )
+    migrate.add_argument("--from", dest="source", type=Path, required=True, help="SQLite file")
+    migrate.add_argument("--to", dest="target", required=True, help="postgresql:// URL")
+    migrate.set_defaults(handler=_audit_migrate)
 
 
 # -- shared options ---------------------------------------------------------------------
@@ -874,7 +918,20 @@ def _audit_list(args: argparse.Namespace, client: FaceClient) -> int:
 
 
 def _audit_verify(args: argparse.Namespace, client: FaceClient) -> int:
-    report = verify_chain(_audit_records(client), anchors=dict(args.expect))
+    anchors = dict(args.expect)
+    if args.checkpoint:
+        if args.public_key is None:
+            raise SystemExit("--checkpoint needs --public-key FILE")
+        key = audit_checkpoint.load_public_key(args.public_key.read_bytes())
+        for path in args.checkpoint:
+            try:
+                checkpoint = audit_checkpoint.verify(path.read_text(), key)
+            except audit_checkpoint.CheckpointError as error:
+                output.console(stderr=True).print(f"{path}: {error}")
+                return 1
+            if checkpoint.sequence_number:
+                anchors[checkpoint.sequence_number] = checkpoint.record_hash
+    report = verify_chain(_audit_records(client), anchors=anchors)
     out = output.console()
     if report.first_break is not None:
         output.console(stderr=True).print(f"audit log BROKEN at {report.first_break}")
@@ -892,6 +949,49 @@ def _audit_verify(args: argparse.Namespace, client: FaceClient) -> int:
         "Keep this line elsewhere; `facegrid audit verify --expect` with it later shows "
         "whether the newest records were removed."
     )
+    return 0
+
+
+def _audit_checkpoint(args: argparse.Namespace, client: FaceClient) -> int:
+    reply = client.get_audit_checkpoint()
+    if args.out is None:
+        sys.stdout.write(reply.signed_note)
+    else:
+        args.out.write_text(reply.signed_note)
+        output.console().print(
+            f"checkpoint of record {reply.sequence_number} written to {args.out}; check it "
+            "later with `facegrid audit verify --checkpoint FILE --public-key FILE`"
+        )
+    return 0
+
+
+def _audit_setup_database(args: argparse.Namespace) -> int:
+    from facegrid.audit_postgres import connect, create_schema, grant_writer
+
+    with connect(args.url) as connection:
+        create_schema(connection)
+        if args.writer_role:
+            grant_writer(connection, args.writer_role)
+    granted = f"; {args.writer_role} may only read and append" if args.writer_role else ""
+    output.console().print(f"audit table ready{granted}")
+    return 0
+
+
+def _audit_migrate(args: argparse.Namespace) -> int:
+    from facegrid.audit_log import SqliteAuditLog
+    from facegrid.audit_postgres import AuditMigrationError, migrate
+
+    if not args.source.is_file():
+        raise SystemExit(f"{args.source}: no such file")
+    source = SqliteAuditLog(args.source)
+    try:
+        copied = migrate(source.rows(), args.target)
+    except AuditMigrationError as error:
+        output.console(stderr=True).print(f"not migrated: {error}")
+        return 1
+    finally:
+        source.close()
+    output.console().print(f"migrated {copied} audit records, chain intact")
     return 0
 
 

@@ -188,6 +188,14 @@ class FaceClient(ServiceClient):
     ) -> fs.ListAuditRecordsResponse:
         return self._call("ListAuditRecords", request, fs.ListAuditRecordsResponse, True)
 
+    def get_audit_checkpoint(self) -> fs.GetAuditCheckpointResponse:
+        return self._call(
+            "GetAuditCheckpoint",
+            fs.GetAuditCheckpointRequest(),
+            fs.GetAuditCheckpointResponse,
+            True,
+        )
+
 
 def status_code(error: grpc.RpcError) -> grpc.StatusCode | None:
     """The status code of a failed call (None for an error that carries none)."""

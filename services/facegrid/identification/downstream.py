@@ -10,7 +10,7 @@ caller's request where they differ.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -74,10 +74,12 @@ class Downstream:
         search_address: str,
         timeout_s: float,
         max_message_bytes: int,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._timeout_s = timeout_s
         size = max_message_bytes
         options: list[tuple[str, Any]] = [
+            *channel_options,
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
             ("grpc.enable_retries", 1),
