@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import os
 import shutil
 import signal
@@ -32,6 +33,7 @@ from facegrid.v1 import (
     common_pb2,
     face_service_pb2,
     ingest_pb2,
+    ingest_pb2_grpc,
 )
 from facegrid_ingest.event_log import source_token
 from facegrid_ingest.leases import DEFAULT_LEASES_BUCKET, lease_key
@@ -41,6 +43,7 @@ from tests.conftest import SHARED_DATA
 from tests.ingest_helpers import (
     CALL_TIMEOUT_S,
     CLIP,
+    LEASE_S,
     MIRANDA,
     IngestStack,
     enrol,
@@ -781,3 +784,94 @@ def test_a_replica_stopped_with_sigterm_hands_its_sources_over_first(
     ).match_events
     ids = [e.event_id for e in stored]
     assert len(ids) == len(set(ids))
+
+
+def test_a_push_stream_moved_to_another_replica_takes_the_source_over(
+    stack: IngestStack, watchlist: str
+) -> None:
+    """A camera's pusher reconnects through the load balancer to another replica: the
+    newest stream wins there too; the old one ends ABORTED once its replica finds its
+    lease taken, and the source's lease moves."""
+    s = stack
+    md = s.metadata()
+    other = s.stack.group.start(
+        "ingest", port=0, instance="ingest-4", extra=["ingest.replica_id=replica-d"]
+    )
+    channel = grpc.insecure_channel(other.address)
+    try:
+        on_other = ingest_pb2_grpc.IngestServiceStub(channel)
+        name = s.ingest.CreateStreamProcessor(
+            I.CreateStreamProcessorRequest(
+                stream_processor_id="pushed-moving",
+                stream_processor=_processor(
+                    "collections/watchlist", I.VideoSource(source_id="gate", push=I.PushSource())
+                ),
+            ),
+            metadata=md,
+            timeout=CALL_TIMEOUT_S,
+        ).stream_processor.name
+        s.ingest.StartStreamProcessor(
+            I.StartStreamProcessorRequest(name=name), metadata=md, timeout=30
+        )
+        frames = _clip_jpegs()
+        stop = threading.Event()
+
+        def endless(first_seq: int) -> Iterator[I.PushFramesRequest]:
+            for index in itertools.count():
+                if stop.is_set():
+                    return
+                message = I.PushFramesRequest(
+                    stream_processor=name if index == 0 else "",
+                    source_id="gate" if index == 0 else "",
+                    frame=frames[index % len(frames)],
+                    sequence_number=first_seq + index,
+                )
+                message.capture_time.GetCurrentTime()
+                yield message
+                time.sleep(0.3)
+
+        outcome: dict[str, Any] = {}
+
+        def push_to_first() -> None:
+            try:
+                s.ingest.PushFrames(endless(1), metadata=md, timeout=120)
+                outcome["code"] = grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                outcome["code"] = error.code()
+                outcome["details"] = error.details()
+
+        first = threading.Thread(target=push_to_first)
+        first.start()
+        deadline = time.monotonic() + 20
+        while _lease_holders(s, "pushed-moving", ["gate"]).get("gate") != "replica-a":
+            assert time.monotonic() < deadline, "the first stream never held the source"
+            time.sleep(0.2)
+        # The pusher reconnects elsewhere: a stream to the other replica is accepted.
+        second_done: dict[str, Any] = {}
+
+        def push_to_other() -> None:
+            try:
+                second_done["reply"] = on_other.PushFrames(
+                    endless(10_000), metadata=md, timeout=120
+                )
+            except grpc.RpcError as error:
+                second_done["code"] = error.code()
+
+        second = threading.Thread(target=push_to_other)
+        second.start()
+        first.join(LEASE_S + 10)  # the old replica notices at its next renewal
+        assert not first.is_alive(), "the first stream was never ended"
+        assert outcome["code"] == grpc.StatusCode.ABORTED, outcome
+        assert _lease_holders(s, "pushed-moving", ["gate"]).get("gate") == "replica-d"
+        stop.set()
+        second.join(30)
+        assert "reply" in second_done, second_done
+        assert second_done["reply"].frames_accepted >= 1
+        s.ingest.StopStreamProcessor(
+            I.StopStreamProcessorRequest(name=name), metadata=md, timeout=30
+        )
+    finally:
+        channel.close()
+        other.process.send_signal(signal.SIGTERM)
+        assert other.process.wait(30) == 0
+        del s.stack.group.services["ingest-4"]

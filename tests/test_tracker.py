@@ -400,3 +400,19 @@ def test_embedding_size_change_is_rejected_before_any_change() -> None:
 def test_invalid_settings_are_rejected(settings: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Tracker(**settings)  # type: ignore[arg-type]
+
+
+def test_geometric_candidates_name_the_tracks_a_box_could_continue() -> None:
+    tracker = Tracker()
+    first = _only(tracker.update(0.0, 0, [_det(100.0, embedding=_person(1))]))
+    second = _only(tracker.update(0.0, 0, [_det(400.0, embedding=_person(2))]))
+    near_first = (105.0, 100.0, 40.0, 40.0)
+    between = (250.0, 100.0, 40.0, 40.0)
+    candidates = tracker.geometric_candidates(0.5, [near_first, between])
+    assert candidates == [[first], []]
+    # Nothing changed: the same question gives the same answer, and the tracks are as they were.
+    assert tracker.geometric_candidates(0.5, [near_first]) == [[first]]
+    assert first.last_time_s == 0.0
+    assert second.last_time_s == 0.0
+    # A track past the gap is no candidate.
+    assert tracker.geometric_candidates(10.0, [near_first]) == [[]]

@@ -373,6 +373,15 @@ class IngestSettings(Section):
     max_frame_bytes: int = Field(
         4 * 1024 * 1024, gt=0, description="Largest pushed frame, encoded, in bytes."
     )
+    full_frame_interval_s: float = Field(
+        1.5,
+        ge=0,
+        le=2.0,
+        description="Sampled frames are searched for faces in full at least this often "
+        "(new faces are found within it); in between, only around the tracks that still "
+        "want a better shot, and not at all when none does. 0: every frame in full. At "
+        "most 2 s, the tracker's gap, so that tracks live across it.",
+    )
     event_max_age_s: float = Field(
         30 * 24 * 3600.0,
         gt=0,

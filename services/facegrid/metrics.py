@@ -67,6 +67,12 @@ INGEST_FRAMES = Counter(
     "Frames of a video source: received, sampled, dropped (pipeline behind), rejected.",
     ["processor", "source", "outcome"],
 )
+INGEST_DETECTIONS = Counter(
+    "facegrid_ingest_frame_detections",
+    "Processed frames by how faces were looked for: full (whole frame), regions (around "
+    "live tracks) or skipped (nothing to look for between full-frame detections).",
+    ["processor", "source", "kind"],
+)
 INGEST_RECONNECTS = Counter(
     "facegrid_ingest_reconnects", "Reconnections of a pull source.", ["processor", "source"]
 )

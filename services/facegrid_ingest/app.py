@@ -370,14 +370,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         previous = self._push_streams.get(key)
         if previous is not None:
             previous[1].set()  # the older stream ends with ABORTED
-        worker, owner = await self._replica.open_push(stored, source)
+        replaced = asyncio.Event()
+        worker, owner = await self._replica.open_push(stored, source, replaced.set)
         if worker is None:
             raise unavailable(
-                f"source {source_id} is being pushed to another replica ({owner})",
+                f"source {source_id} is changing hands between replicas ({owner}): retry",
                 "SOURCE_HELD_ELSEWHERE",
                 retry_after_ms=1000,
             )
-        replaced = asyncio.Event()
         self._push_streams[key] = (worker, replaced)
         limits = self._settings.images
         sampler = _Sampler(worker.run.config.frames_per_second)
@@ -438,8 +438,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
                     reading.cancel()
                     await context.abort(
                         grpc.StatusCode.ABORTED,
-                        "another PushFrames stream for this source replaced this one, or the "
-                        "processor stopped",
+                        "another PushFrames stream for this source (on this replica or "
+                        "another) replaced this one, or the processor stopped",
                     )
                 try:
                     message = reading.result()
@@ -678,6 +678,7 @@ async def serve(settings: Settings) -> None:
             max_batch_frames=ingest.max_batch_frames,
             max_batch_wait_s=ingest.max_batch_wait_s,
             timeout_s=ingest.downstream_timeout_s,
+            full_frame_interval_s=ingest.full_frame_interval_s,
         )
 
     replica = Replica(ingest, store, leases, push_leases, events, audit_log, pipeline)

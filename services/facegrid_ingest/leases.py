@@ -281,6 +281,32 @@ class LeaseManager:
             raise
         return True
 
+    async def take_over(self, key: str) -> int | None:
+        """Take a lease another replica holds (a PushFrames stream moved here): its new
+        revision, or None if it changed hands meanwhile. The old holder finds out at its
+        next renewal, which fails on the revision, and stops."""
+        for _ in range(3):
+            holder = await self.owner(key)
+            if holder is None:
+                revision = await self.acquire(key)
+                if revision is not None:
+                    return revision
+                continue
+            sent = time.monotonic()
+            try:
+                new = await self.leases_kv.update(
+                    check_key(key), self.replica_id.encode(), last=holder[1]
+                )
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+            except nats.js.errors.APIError as err:
+                if err.err_code in _WRONG_LAST_SEQUENCE:
+                    continue
+                raise
+            self._keep(key, new, sent)
+            return new
+        return None
+
     async def owner(self, key: str) -> tuple[str, int] | None:
         """The holder of a lease and its revision, or None if it is free."""
         try:

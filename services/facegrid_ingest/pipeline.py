@@ -15,6 +15,15 @@ first shot at once and again whenever a clearly better shot arrives; it makes at
 one event, sent as soon as a searched shot matches. A repeat of the same subject on
 the same source within the suppression window makes no event and is counted in the
 next one.
+
+Work is spent only where it can change an outcome. A frame is searched for faces in
+full at least every ``full_frame_interval_s`` (that is where new faces are found); in
+between, only in regions around the live tracks that still want a better shot
+(facegrid_ingest.regions) during their first ``max_event_delay``, and not at all when
+every face in view is already matched, past that, or no one is there. A face is
+embedded only when its embedding is needed: it starts a track, its position fits no
+track or several, or it is a shot worth searching; a face that merely continues its one
+track by position is not.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from google.protobuf import timestamp_pb2
 from numpy.typing import NDArray
 from PIL import Image
 
+from facegrid_ingest.regions import Region, regions_around, to_frame
 from facegrid_ingest.tracker import Detection, Track, Tracker
 
 log = logging.getLogger(__name__)
@@ -50,6 +60,12 @@ MAX_SEARCHES_PER_TRACK = 4
 JPEG_QUALITY = 90
 # How long collections and threshold decisions are reused before being read again.
 COLLECTION_TTL_S = 5.0
+# The detector's smallest face at its native scale, when a source sets no minimum.
+NATIVE_FACE_SIZE = 80
+# Sampling jitter allowed when deciding that a full-frame detection is due.
+FULL_FRAME_SLACK_S = 0.05
+
+Found = tuple[common_pb2.FaceDetail, common_pb2.Embedding | None]
 
 
 def event_id(processor_id: str, source_id: str, lease: int, track: int, subject: str) -> str:
@@ -69,9 +85,15 @@ class SampledFrame:
         if self.encoded is not None:
             return self.encoded
         assert self.pixels is not None
-        out = io.BytesIO()
-        Image.fromarray(self.pixels).save(out, format="JPEG", quality=JPEG_QUALITY)
-        return out.getvalue()
+        return _jpeg(self.pixels)
+
+    def rgb(self) -> NDArray[np.uint8]:
+        """The pixels, decoded from the pushed bytes if need be."""
+        if self.pixels is not None:
+            return self.pixels
+        assert self.encoded is not None
+        with Image.open(io.BytesIO(self.encoded)) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -115,6 +137,7 @@ class SourceRun:
     pending: SampledFrame | None = None
     busy: bool = False
     closed: bool = False
+    last_full_frame_s: float | None = None  # capture time of the last full-frame detection
 
 
 @dataclass(frozen=True)
@@ -123,7 +146,15 @@ class _Shot:
     frame: SampledFrame
     track: Track
     face: common_pb2.FaceDetail
-    embedding: common_pb2.Embedding
+    embedding: common_pb2.Embedding | None  # None until embedded for the search
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where to look for faces in one frame: all of it (regions None), regions, or nowhere."""
+
+    regions: list[Region] | None
+    skip: bool = False
 
 
 EmitEvent = Callable[[SourceRun, ingest_pb2.MatchEvent], Awaitable[None]]
@@ -140,12 +171,14 @@ class FramePipeline:
         max_batch_frames: int,
         max_batch_wait_s: float,
         timeout_s: float,
+        full_frame_interval_s: float = 0.0,
     ) -> None:
         self._identifier = identifier
         self._emit = emit
         self._max_batch = max_batch_frames
         self._max_wait_s = max_batch_wait_s
         self._timeout_s = timeout_s
+        self._full_frame_interval_s = full_frame_interval_s
         self._ready: asyncio.Queue[SourceRun] = asyncio.Queue()
         self._collections: dict[str, tuple[float, resources_pb2.Collection]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -216,7 +249,7 @@ class FramePipeline:
                 *(self._detect(run, frame, deadline) for run, frame in batch),
                 return_exceptions=True,
             )
-            faces: list[tuple[int, common_pb2.FaceDetail]] = []
+            wanted: list[common_pb2.FaceDetail] = []
             for index, result in enumerate(detected):
                 if isinstance(result, BaseException):
                     run = batch[index][0]
@@ -228,50 +261,152 @@ class FramePipeline:
                         result,
                     )
                     continue
-                faces.extend((index, face) for face in result)
-            embeddings, model_version = await self._identifier.pipeline.embed(
-                [face for _, face in faces], deadline
+                if result is None:
+                    continue
+                run, frame = batch[index]
+                for face, needed in zip(
+                    result, self._embeddings_needed(run, frame, result), strict=True
+                ):
+                    if needed:
+                        wanted.append(face)
+            embeddings, model_version = await self._identifier.pipeline.embed(wanted, deadline)
+            by_face = {id(face): e for face, e in zip(wanted, embeddings, strict=True)}
+            telemetry.annotate(
+                face_count=sum(len(r) for r in detected if isinstance(r, list)),
+                embedded_count=len(wanted),
+                model_version=model_version,
             )
-            telemetry.annotate(face_count=len(faces), model_version=model_version)
-            per_frame: dict[int, list[tuple[common_pb2.FaceDetail, common_pb2.Embedding]]] = {}
-            for (index, face), embedding in zip(faces, embeddings, strict=True):
-                per_frame.setdefault(index, []).append((face, embedding))
             shots: list[_Shot] = []
             for index, (run, frame) in enumerate(batch):
-                if isinstance(detected[index], BaseException):
-                    continue
-                shots.extend(self._track(run, frame, per_frame.get(index, [])))
+                result = detected[index]
+                if isinstance(result, BaseException) or result is None:
+                    continue  # rejected, or not looked at (the tracks wait for the next look)
+                found = [(face, by_face.get(id(face))) for face in result]
+                shots.extend(self._track(run, frame, found))
             log.debug(
-                "batch: %d frames, %d faces, %d shots to search", len(batch), len(faces), len(shots)
+                "batch: %d frames, %d embedded, %d shots to search",
+                len(batch),
+                len(wanted),
+                len(shots),
             )
             if shots:
+                model_version = await self._embed_shots(shots, model_version, deadline)
                 await self._search(shots, model_version, deadline)
+
+    def _plan(self, run: SourceRun, frame: SampledFrame, width: int, height: int) -> _Plan:
+        last = run.last_full_frame_s
+        if (
+            last is None
+            or frame.capture_time - last >= self._full_frame_interval_s - FULL_FRAME_SLACK_S
+        ):
+            return _Plan(None)
+        wanting = [
+            track.predicted_box(frame.capture_time)
+            for track in run.tracker.tracks
+            if _wants_region(run.tracks.get(track.track_number))
+        ]
+        if not wanting:
+            return _Plan(None, skip=True)
+        regions = regions_around(
+            wanting, width, height, run.config.min_face_size or NATIVE_FACE_SIZE
+        )
+        if regions is not None and not regions:
+            return _Plan(None, skip=True)  # every such track predicted off the frame
+        return _Plan(regions)
 
     async def _detect(
         self, run: SourceRun, frame: SampledFrame, deadline: Deadline
-    ) -> list[common_pb2.FaceDetail]:
-        image = await asyncio.to_thread(frame.jpeg)
-        detected = await self._identifier.pipeline.detect(
-            image, deadline, "frame", min_face_size=run.config.min_face_size
-        )
+    ) -> list[common_pb2.FaceDetail] | None:
+        """The frame's faces that pass the quality filter; None: the frame was not looked at."""
+        source = (run.config.processor_id, run.config.source_id)
+        pixels = frame.pixels
+        if self._full_frame_interval_s > 0 and run.last_full_frame_s is not None:
+            if pixels is None:
+                pixels = await asyncio.to_thread(frame.rgb)
+            plan = self._plan(run, frame, pixels.shape[1], pixels.shape[0])
+        else:
+            plan = _Plan(None)
+        if plan.skip:
+            run.counters.detections_skipped += 1
+            metrics.INGEST_DETECTIONS.labels(*source, "skipped").inc()
+            return None
+        if plan.regions is None:
+            image = await asyncio.to_thread(frame.jpeg)
+            faces = list(
+                (
+                    await self._identifier.pipeline.detect(
+                        image, deadline, "frame", min_face_size=run.config.min_face_size
+                    )
+                ).faces
+            )
+            run.last_full_frame_s = frame.capture_time
+            run.counters.full_frame_detections += 1
+            metrics.INGEST_DETECTIONS.labels(*source, "full").inc()
+        else:
+            assert pixels is not None
+            faces = await self._detect_regions(run, pixels, plan.regions, deadline)
+            run.counters.region_detections += 1
+            metrics.INGEST_DETECTIONS.labels(*source, "regions").inc()
         level = self._identifier.pipeline.quality.level(run.config.quality_filter)
         return [
-            face
-            for face in detected.faces
-            if not self._identifier.pipeline.quality.reasons(face, level)
+            face for face in faces if not self._identifier.pipeline.quality.reasons(face, level)
         ]
 
-    def _track(
+    async def _detect_regions(
         self,
         run: SourceRun,
-        frame: SampledFrame,
-        found: list[tuple[common_pb2.FaceDetail, common_pb2.Embedding]],
-    ) -> list[_Shot]:
+        pixels: NDArray[np.uint8],
+        regions: list[Region],
+        deadline: Deadline,
+    ) -> list[common_pb2.FaceDetail]:
+        height, width = pixels.shape[:2]
+
+        async def one(region: Region) -> list[common_pb2.FaceDetail]:
+            cut = pixels[region.top : region.bottom, region.left : region.right]
+            image = await asyncio.to_thread(_jpeg, cut)
+            detected = await self._identifier.pipeline.detect(
+                image, deadline, "frame", min_face_size=run.config.min_face_size
+            )
+            return [to_frame(face, region, width, height) for face in detected.faces]
+
+        found = await asyncio.gather(*(one(region) for region in regions))
+        return [face for faces in found for face in faces]
+
+    def _embeddings_needed(
+        self, run: SourceRun, frame: SampledFrame, faces: list[common_pb2.FaceDetail]
+    ) -> list[bool]:
+        """Which faces must be embedded now: all but those that continue one track by
+        position alone, unambiguously, with a shot not worth searching."""
+        candidates = run.tracker.geometric_candidates(
+            frame.capture_time, [_box(face) for face in faces]
+        )
+        claims: dict[int, int] = {}
+        for tracks in candidates:
+            for track in tracks:
+                claims[track.track_number] = claims.get(track.track_number, 0) + 1
+        needed: list[bool] = []
+        for face, tracks in zip(faces, candidates, strict=True):
+            if len(tracks) != 1 or claims[tracks[0].track_number] != 1:
+                needed.append(True)
+                continue
+            track = tracks[0]
+            state = run.tracks.get(track.track_number)
+            if track.embedding is None or state is None:
+                needed.append(True)
+            elif not _wants_shot(state):
+                needed.append(False)
+            else:
+                needed.append(shot_quality(face) >= state.best_searched_quality * RESEARCH_GAIN)
+        return needed
+
+    def _track(self, run: SourceRun, frame: SampledFrame, found: list[Found]) -> list[_Shot]:
         """Update the source's tracks; the shots worth searching."""
         detections = [
             Detection(
                 box=_box(face),
-                embedding=np.asarray(embedding.values, dtype=np.float32),
+                embedding=None
+                if embedding is None
+                else np.asarray(embedding.values, dtype=np.float32),
                 quality=shot_quality(face),
                 payload=(face, embedding),
             )
@@ -288,7 +423,7 @@ class FramePipeline:
         shots: list[_Shot] = []
         for track, detection in [*update.matched, *update.started]:
             state = run.tracks.setdefault(track.track_number, _TrackState())
-            if state.evented or state.searches >= MAX_SEARCHES_PER_TRACK:
+            if not _wants_shot(state):
                 continue
             age = frame.capture_time - track.first_time_s
             better = detection.quality >= state.best_searched_quality * RESEARCH_GAIN
@@ -299,7 +434,7 @@ class FramePipeline:
                 if best.detection is not detection and not late:
                     continue
                 face: common_pb2.FaceDetail
-                embedding: common_pb2.Embedding
+                embedding: common_pb2.Embedding | None
                 face, embedding = best.detection.payload  # type: ignore[misc]
                 state.searches += 1
                 state.best_searched_quality = max(
@@ -313,6 +448,20 @@ class FramePipeline:
                 )
                 shots.append(_Shot(run, shot_frame, track, face, embedding))
         return shots
+
+    async def _embed_shots(self, shots: list[_Shot], model_version: str, deadline: Deadline) -> str:
+        """Embed the shots to search that were not embedded with their frame (a best shot
+        kept without one, or a face whose track the position alone did not tell)."""
+        missing = [index for index, shot in enumerate(shots) if shot.embedding is None]
+        if not missing:
+            return model_version
+        embeddings, version = await self._identifier.pipeline.embed(
+            [shots[index].face for index in missing], deadline
+        )
+        for index, embedding in zip(missing, embeddings, strict=True):
+            shot = shots[index]
+            shots[index] = _Shot(shot.run, shot.frame, shot.track, shot.face, embedding)
+        return version
 
     async def _search(self, shots: list[_Shot], model_version: str, deadline: Deadline) -> None:
         groups: dict[tuple[str, float, int], list[_Shot]] = {}
@@ -337,7 +486,7 @@ class FramePipeline:
             collection_name, _, top_k = key
             results = await self._identifier.search(
                 collection_name,
-                [s.embedding for s in members],
+                [s.embedding for s in members if s.embedding is not None],
                 collections[collection_name].model_version,
                 top_k,
                 decisions[key],
@@ -401,6 +550,24 @@ class FramePipeline:
         await self._emit(run, event)
         run.last_events[subject] = (now, 0)
         run.counters.events += 1
+
+
+def _wants_shot(state: _TrackState | None) -> bool:
+    """Whether a track can still make an event from a better shot."""
+    return state is None or (not state.evented and state.searches < MAX_SEARCHES_PER_TRACK)
+
+
+def _wants_region(state: _TrackState | None) -> bool:
+    """Whether a track is worth a region detection between full-frame ones: until its
+    search at ``max_event_delay``; after that a better shot is looked for only in full
+    frames."""
+    return _wants_shot(state) and (state is None or not state.late_search_done)
+
+
+def _jpeg(pixels: NDArray[np.uint8]) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=JPEG_QUALITY)
+    return out.getvalue()
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:

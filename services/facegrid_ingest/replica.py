@@ -117,6 +117,7 @@ class SourceWorker:
     lease_revision: int = 0  # the latest revision, renewed
     status_dirty: bool = True
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    on_lost: Callable[[], None] | None = None  # a push source's lease was taken
 
     def status(self, owner: str) -> VS:
         status = VS(
@@ -356,11 +357,13 @@ class Replica:
     # ------------------------------------------------------------------ push sources
 
     async def open_push(
-        self, stored: StoredProcessor, source: VS
+        self, stored: StoredProcessor, source: VS, on_lost: Callable[[], None]
     ) -> tuple[SourceWorker | None, str]:
         """Hold a push source for a PushFrames stream: its worker, or None and the owner
-        that holds it elsewhere. A stream already open here is replaced (the caller
-        aborts the old one through ``on_stop``)."""
+        that holds it elsewhere. The newest stream wins: one already open here is
+        replaced (the caller aborts it), and a source held by another replica is taken
+        over (that replica's stream ends when its next renewal fails). ``on_lost`` is
+        called when this stream's lease is lost in turn."""
         key = source_key(stored.processor_id, source.source_id)
         existing = self.workers.get(key)
         if existing is not None:
@@ -368,15 +371,18 @@ class Replica:
             await self._stop_worker(key)
             renewed = await self._push_leases.renew(key, revision)
             if renewed is None:
-                renewed = await self._push_leases.acquire(key)
+                renewed = await self._push_leases.take_over(key)
         else:
             renewed = await self._push_leases.acquire(key)
+            if renewed is None:
+                renewed = await self._push_leases.take_over(key)
         if renewed is None:
             holder = await self._push_leases.owner(key)
             return None, holder[0] if holder else ""
         config = source_config(stored, source, renewed)
         run = SourceRun(config, holds_lease=lambda: self._holds(key, renewed))
         worker = SourceWorker(key=key, run=run, lease_revision=renewed, state=VS.STATE_STREAMING)
+        worker.on_lost = on_lost
         worker.task = asyncio.create_task(self._renew_push(worker), name=f"ingest-push-{key}")
         self.workers[key] = worker
         return worker, self.replica_id
@@ -386,8 +392,10 @@ class Replica:
             await asyncio.sleep(self._push_leases.interval_s)
             renewed = await self._push_leases.renew(worker.key, worker.lease_revision)
             if renewed is None:
-                log.warning("lease of push source %s lost", worker.key)
+                log.warning("lease of push source %s lost (its stream moved)", worker.key)
                 worker.run.closed = True
+                if worker.on_lost is not None:
+                    worker.on_lost()
                 return
             worker.lease_revision = renewed
 

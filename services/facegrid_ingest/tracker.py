@@ -325,14 +325,23 @@ class Tracker:
             del self._tracks[track.track_number]
         return victims
 
-    def _associate(
-        self, tracks: list[Track], detections: list[Detection], time_s: float
-    ) -> list[_Pair]:
-        """Gate every track/detection pair, then solve the assignment over the allowed ones."""
-        if not tracks or not detections:
-            return []
+    def geometric_candidates(self, time_s: float, boxes: list[Box]) -> list[list[Track]]:
+        """For each box, the live tracks its position alone could continue (no state changes).
+
+        A caller that must pay for embeddings can skip them where this is unambiguous: one
+        box, one track, and no other box near that track.
+        """
+        tracks = [t for t in self._tracks.values() if time_s - t.last_time_s <= self.max_gap_s]
+        if not tracks or not boxes:
+            return [[] for _ in boxes]
+        _, geometric = self._geometry(tracks, np.array(boxes, dtype=np.float64), time_s)
+        return [[tracks[i] for i in np.flatnonzero(geometric[:, j])] for j in range(len(boxes))]
+
+    def _geometry(
+        self, tracks: list[Track], boxes: npt.NDArray[np.float64], time_s: float
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+        """IoU of predicted track boxes with the boxes, and which pairs geometry allows."""
         predicted = np.array([t.predicted_box(time_s) for t in tracks], dtype=np.float64)
-        boxes = np.array([d.box for d in detections], dtype=np.float64)
         iou = _iou_matrix(predicted, boxes)
         predicted_centres = predicted[:, :2] + predicted[:, 2:] / 2.0
         detected_centres = boxes[:, :2] + boxes[:, 2:] / 2.0
@@ -340,7 +349,16 @@ class Tracker:
             predicted_centres[:, None, :] - detected_centres[None, :, :], axis=2
         )
         jump = distance / predicted[:, None, 2]
-        geometric = (iou >= self.min_iou) & (jump <= self.max_centre_jump)
+        return iou, (iou >= self.min_iou) & (jump <= self.max_centre_jump)
+
+    def _associate(
+        self, tracks: list[Track], detections: list[Detection], time_s: float
+    ) -> list[_Pair]:
+        """Gate every track/detection pair, then solve the assignment over the allowed ones."""
+        if not tracks or not detections:
+            return []
+        boxes = np.array([d.box for d in detections], dtype=np.float64)
+        iou, geometric = self._geometry(tracks, boxes, time_s)
 
         cosine = np.zeros_like(iou)
         track_vectors = {i: e for i, t in enumerate(tracks) if (e := t.embedding) is not None}
