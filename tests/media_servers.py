@@ -332,6 +332,7 @@ class HttpFileServer:
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory).resolve()
+        self.requests: list[str] = []  # the paths asked for, in order
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -346,10 +347,15 @@ class HttpFileServer:
 
     def start(self) -> None:
         directory = str(self.directory)
+        requests = self.requests
 
         class Handler(_RangeHandler):
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, directory=directory, **kwargs)
+
+            def send_head(self) -> Any:
+                requests.append(self.path)
+                return super().send_head()
 
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
@@ -393,3 +399,36 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def make_hls(clip: Path, folder: Path, segment_s: float = 2.0) -> Path:
+    """Cut ``clip`` into an HLS playlist (VOD) with MPEG-TS segments in ``folder``."""
+    from fractions import Fraction
+
+    import av
+
+    folder.mkdir(parents=True, exist_ok=True)
+    playlist = folder / "index.m3u8"
+    with (
+        av.open(str(clip)) as source,
+        av.open(
+            str(playlist),
+            "w",
+            format="hls",
+            options={"hls_time": str(segment_s), "hls_list_size": "0", "hls_playlist_type": "vod"},
+        ) as out,
+    ):
+        video = source.streams.video[0]
+        rate = video.average_rate or Fraction(25)
+        stream = out.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = video.width, video.height, "yuv420p"
+        stream.time_base = Fraction(1, 90000)
+        for index, frame in enumerate(source.decode(video)):
+            converted = frame.reformat(format="yuv420p")
+            converted.pts = int(index / rate / stream.time_base)
+            converted.time_base = stream.time_base
+            for packet in stream.encode(converted):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return playlist

@@ -27,7 +27,7 @@ import pytest
 from facegrid.processes import free_port
 from facegrid_ingest.sources import Frame, PullReader, SourceState
 from facegrid_ingest.urls import PullUrl, UrlRejected, masked, parse_pull_url
-from media_servers import HttpFileServer, RtspServer, pid_alive
+from media_servers import HttpFileServer, RtspServer, make_hls, pid_alive
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -316,6 +316,49 @@ def test_http_text_fails_as_not_a_video(tmp_path: Path, name: str) -> None:
     assert consumer.reader.state is SourceState.FAILED
     assert "not a video" in consumer.reader.message
     assert consumer.reader.reconnects == 0
+
+
+@needs_clip
+def test_hls_playlist_yields_frames_through_checked_fetches(tmp_path: Path) -> None:
+    make_hls(CLIP, tmp_path / "hls")
+
+    async def body(url: str) -> Consumer:
+        consumer = make_reader(url, sample_fps=5.0, allowed_hosts=["127.0.0.1"]).start()
+        await consumer.until(lambda: len(consumer.frames) >= 12, 20.0, "twelve frames")
+        assert consumer.reader.state is SourceState.STREAMING
+        await consumer.reader.aclose(10.0)
+        await consumer.finish(5.0)
+        return consumer
+
+    with HttpFileServer(tmp_path / "hls") as server:
+        consumer = run(lambda: body(server.url("index.m3u8")))
+        requested = list(server.requests)
+    assert {shape for _, _, shape in consumer.frames} == {(360, 640, 3)}
+    assert_increasing([capture for _, capture, _ in consumer.frames])
+    # 12 frames at 5 fps span more than one 2 s segment: the playlist, then segments.
+    assert requested[0] == "/index.m3u8"
+    assert "/index0.ts" in requested and "/index1.ts" in requested
+
+
+@needs_clip
+def test_hls_segment_on_a_host_not_allowed_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "hls"
+    playlist = make_hls(CLIP, folder)
+    # The playlist names its segments on another host, which the policy does not allow.
+    text = playlist.read_text()
+    playlist.write_text(text.replace("index", "http://127.0.0.2:9/index"))
+
+    async def body(url: str) -> Consumer:
+        consumer = make_reader(url, sample_fps=2.0, allowed_hosts=["127.0.0.1"]).start()
+        await consumer.finish(15.0)
+        return consumer
+
+    with HttpFileServer(folder) as server:
+        consumer = run(lambda: body(server.url("index.m3u8")))
+    assert consumer.frames == []
+    assert consumer.reader.state is SourceState.FAILED
+    assert "127.0.0.2" in consumer.reader.message
+    assert "not in the allowed host list" in consumer.reader.message
 
 
 # ------------------------------------------------------------ unreachable

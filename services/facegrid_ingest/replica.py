@@ -284,7 +284,10 @@ class Replica:
             loop.call_soon_threadsafe(apply)
 
         worker.reader = PullReader(
-            source.pull.url, sample_fps=config.frames_per_second, on_state=on_state
+            source.pull.url,
+            sample_fps=config.frames_per_second,
+            on_state=on_state,
+            allowed_hosts=self.settings.allowed_hosts,
         )
         worker.url = source.pull.url
         worker.task = asyncio.create_task(self._read(worker), name=f"ingest-read-{key}")

@@ -64,15 +64,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import io
 import logging
 import math
 import random
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import av
@@ -82,7 +85,7 @@ from av.container import InputContainer
 from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 
-from facegrid_ingest.urls import masked
+from facegrid_ingest.urls import UrlRejected, masked, parse_pull_url
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +127,27 @@ _PROTOCOLS = {
     "rtsp": "rtsp,rtp,udp,tcp",
     "rtsps": "rtsps,rtsp,rtp,srtp,udp,tcp,tls",
 }
+
+
+# HLS (an http(s) URL ending in .m3u8 or .m3u): the playlist demuxer and what its
+# segments are. Every URL it opens (playlists, segments, keys) goes through the reader's
+# own fetch, which checks it against the allowed hosts first, follows no redirect and
+# bounds its size; FFmpeg never opens a URL itself.
+HLS_FORMATS = "hls,mpegts,mov"
+HLS_SUFFIXES = (".m3u8", ".m3u")
+MAX_HLS_OBJECT_BYTES = 64 * 1024 * 1024
+
+
+class HlsUrlRejected(Exception):  # noqa: N818
+    """A playlist named a URL the host policy does not allow (or one too large)."""
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # a redirect target never passed the host policy
+
+
+_HLS_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 class SourceState(enum.Enum):
@@ -256,6 +280,7 @@ class PullReader:
         on_state: Callable[[SourceState, str], None] | None = None,
         rtsp_transport: str = "udp",
         stable_after_s: float = 5.0,
+        allowed_hosts: Sequence[str] = (),
     ) -> None:
         if not sample_fps > 0 or not math.isfinite(sample_fps):
             raise ValueError(f"sample_fps must be a positive number, not {sample_fps!r}")
@@ -271,6 +296,12 @@ class PullReader:
         self.masked_url = masked(url)
         self._is_file = self._scheme == "file"
         self._target = "file:" + unquote(parts.path) if self._is_file else url
+        self._is_hls = self._scheme in ("http", "https") and parts.path.lower().endswith(
+            HLS_SUFFIXES
+        )
+        # The playlist's own host is allowed (it was checked before the reader was made).
+        self._allowed_hosts = [*allowed_hosts, parts.hostname or ""]
+        self._hls_rejection: str | None = None
         self._rtsp_socket_timeout_s = read_timeout_s / 2
         self._options = self._container_options(rtsp_transport, read_timeout_s)
         self._interval_s = 1.0 / sample_fps
@@ -370,8 +401,12 @@ class PullReader:
         timeout_us = str(round(read_timeout_s * 1_000_000))
         options = {
             "protocol_whitelist": _PROTOCOLS[self._scheme],
-            "format_whitelist": FORMAT_WHITELIST,
+            "format_whitelist": HLS_FORMATS if self._is_hls else FORMAT_WHITELIST,
         }
+        if self._is_hls:
+            # Our fetch is not FFmpeg's HTTP context: no connection reuse, no parallel
+            # requests (either would call HTTP internals on it and abort the process).
+            return options | {"http_persistent": "0", "http_multiple": "0"}
         if self._scheme in ("rtsp", "rtsps"):
             # FFmpeg 5+ calls the socket I/O timeout "timeout" (microseconds; the old
             # "stimeout" is gone). Over UDP it bounds each wait for a packet, but the first
@@ -415,6 +450,11 @@ class PullReader:
                     error = self._describe(exc)
                     # No exc_info: FFmpeg's messages quote the URL, password and all.
                     logger.debug("%s: %s: %s", self.masked_url, type(exc).__name__, error)
+                if self._hls_rejection is not None:
+                    # FFmpeg skips a segment it cannot open; a refused URL is a policy
+                    # matter, not an outage: retrying would not change the answer.
+                    self._set_state(SourceState.FAILED, self._scrub(self._hls_rejection))
+                    return
                 if self._stop_requested.is_set():
                     break
                 if self._is_file:
@@ -456,19 +496,34 @@ class PullReader:
         if self.state is SourceState.CONNECTING:
             self._set_state(SourceState.CONNECTING, f"opening {self.masked_url}")
         started = time.monotonic()
+        self._hls_rejection = None
         try:
-            container = av.open(
-                self._target,
-                mode="r",
-                container_options=self._options,
-                timeout=(self._open_timeout_s, self._read_timeout_s),
-            )
+            if self._is_hls:
+                container = av.open(
+                    self._target,
+                    mode="r",
+                    format="hls",
+                    options=self._options,
+                    timeout=(self._open_timeout_s, self._read_timeout_s),
+                    io_open=self._hls_open,
+                )
+            else:
+                container = av.open(
+                    self._target,
+                    mode="r",
+                    container_options=self._options,
+                    timeout=(self._open_timeout_s, self._read_timeout_s),
+                )
         except av.ExitError as exc:
             # PyAV's interrupt callback fired: the open timeout, nothing else.
             raise TimeoutError(
                 f"timed out opening {self.masked_url}: no answer within {self._open_timeout_s:g} s"
             ) from exc
-        except (av.InvalidDataError, av.ArgumentError) as exc:
+        except (av.InvalidDataError, av.ArgumentError, av.FFmpegError) as exc:
+            if self._hls_rejection is not None:
+                raise NotAVideoError(self._hls_rejection) from exc
+            if not isinstance(exc, av.InvalidDataError | av.ArgumentError):
+                raise
             if self._scheme in ("rtsp", "rtsps"):
                 # A camera that answers oddly may be rebooting: retry it. An RTSP server
                 # that does not answer at all looks the same to FFmpeg once the socket
@@ -487,8 +542,35 @@ class PullReader:
             ) from exc
         try:
             self._stream(container)
+        except av.FFmpegError as exc:
+            if self._hls_rejection is not None:
+                raise NotAVideoError(self._hls_rejection) from exc
+            raise
         finally:
             container.close()
+
+    def _hls_open(self, url: str, flags: int, options: dict[str, str]) -> io.BytesIO:
+        """FFmpeg's HLS demuxer asks for a playlist, segment or key: check, then fetch."""
+        shown = masked(url)
+        try:
+            parsed = parse_pull_url(url, self._allowed_hosts, ())
+        except UrlRejected as rejected:
+            self._hls_rejection = f"the playlist names {shown}, which is refused: {rejected}"
+            raise HlsUrlRejected(self._hls_rejection) from None
+        if parsed.scheme not in ("http", "https"):
+            self._hls_rejection = f"the playlist names {shown}: only http(s) is followed"
+            raise HlsUrlRejected(self._hls_rejection)
+        if self._stop_requested.is_set():
+            raise _StoppedError
+        request = urllib.request.Request(url, headers={"User-Agent": "facegrid-ingest"})
+        with _HLS_OPENER.open(request, timeout=self._read_timeout_s) as response:
+            if response.status != 200:
+                raise OSError(f"{shown}: HTTP {response.status}")
+            body = response.read(MAX_HLS_OBJECT_BYTES + 1)
+        if len(body) > MAX_HLS_OBJECT_BYTES:
+            self._hls_rejection = f"{shown} is larger than {MAX_HLS_OBJECT_BYTES} bytes"
+            raise HlsUrlRejected(self._hls_rejection)
+        return io.BytesIO(body)
 
     def _stream(self, container: InputContainer) -> None:
         if not container.streams.video:
