@@ -337,7 +337,8 @@ def test_hls_playlist_yields_frames_through_checked_fetches(tmp_path: Path) -> N
     assert_increasing([capture for _, capture, _ in consumer.frames])
     # 12 frames at 5 fps span more than one 2 s segment: the playlist, then segments.
     assert requested[0] == "/index.m3u8"
-    assert "/index0.ts" in requested and "/index1.ts" in requested
+    assert "/index0.ts" in requested
+    assert "/index1.ts" in requested
 
 
 @needs_clip
