@@ -7,6 +7,7 @@ server started by the test session on 127.0.0.1 (no cache: Milvus searches itsel
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +73,12 @@ class Gallery:
 
     def face(self, i: int) -> str:
         return f"{self.name}/faces/{self.face_ids[i]}"
+
+    def through(self, stub: search_pb2_grpc.SearchServiceStub) -> Gallery:
+        """The same collection, called through another replica."""
+        other = copy.copy(self)
+        other.stub = stub
+        return other
 
     def upsert(self, indices: range | list[int], subject: str = "") -> None:
         faces = []

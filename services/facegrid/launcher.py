@@ -133,13 +133,18 @@ class ServiceGroup:
         instance: str | None = None,
         metrics_port: int | None = None,
         extra: Sequence[str] = (),
+        host: str | None = None,
     ) -> RunningService:
         """Start one service (on its configured ports, or ``port``; 0: free ones).
 
         ``instance`` names a further instance of the same service (e.g. "embedding-2");
         a gateway started afterwards balances over all instances of each service.
-        ``extra``: settings of this instance only.
+        ``extra``: settings of this instance only. ``host``: the address it binds (its
+        gRPC and metrics ports), e.g. a loopback alias 127.0.0.2, so that replicas can
+        share one port behind one DNS name.
         """
+        if host is not None:
+            extra = [*extra, f"server.host={host}"]
         key = instance or name
         if key in self.services:
             raise ValueError(f"{key} is running already: name another instance")
@@ -177,7 +182,7 @@ class ServiceGroup:
         finally:
             if output is not None:
                 output.close()
-        address = f"{self.settings.server.host}:{port}"
+        address = f"{host or self.settings.server.host}:{port}"
         service = RunningService(key, name, address, metrics_port, process)
         self.services[key] = service
         wait_healthy(service.address, HEALTH_TIMEOUT_S, process)
@@ -197,11 +202,13 @@ class ServiceGroup:
         service.process.wait(timeout=self.settings.server.grace_period_s + 10)
         if service.process.returncode != 0:
             raise RuntimeError(f"{name} exited with {service.process.returncode} on SIGTERM")
+        host, port = service.address.rsplit(":", 1)
         return self.start(
             service.kind,
-            port=int(service.address.rsplit(":", 1)[1]),
+            port=int(port),
             instance=name if name != service.kind else None,
             metrics_port=service.metrics_port,
+            host=host if host != self.settings.server.host else None,
         )
 
     def exited(self) -> RunningService | None:

@@ -9,6 +9,7 @@ details (field violations, reasons), never a traceback.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,10 +48,20 @@ def default_address() -> str:
     return f"127.0.0.1:{load_settings().gateway.port}"
 
 
+# Behind a DNS name with several replicas (dns:///gateway.example:50050): calls spread
+# over all of them, a draining one (NOT_SERVING) gets none, and the name is re-resolved
+# as soon as a server asks the client to reconnect (its maximum connection age).
+_SERVICE_CONFIG = json.dumps(
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
+)
+
+
 def open_channel(address: str) -> grpc.Channel:
-    options = [
+    options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.service_config", _SERVICE_CONFIG),
+        ("grpc.dns_min_time_between_resolutions_ms", 1000),
     ]
     return grpc.insecure_channel(address, options=options)
 

@@ -83,6 +83,9 @@ class Downstream:
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
             ("grpc.enable_retries", 1),
+            # Re-resolve a dns:/// name (new replicas) as soon as a connection is told
+            # to go away (server.max_connection_age_s), not at most every 30 s.
+            ("grpc.dns_min_time_between_resolutions_ms", 1000),
             # A restarted service is reconnected within about a second, not gRPC's
             # default backoff of up to two minutes.
             ("grpc.initial_reconnect_backoff_ms", 100),
