@@ -23,12 +23,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from dnslib import QTYPE, RR, A
-from dnslib.server import BaseResolver, DNSLogger, DNSServer
 from facegrid.auth import ALL_SCOPES, bearer_metadata, create_token
 from facegrid.launcher import RunningService, ServiceGroup
 from facegrid.processes import free_port
 from facegrid.v1 import face_service_pb2, face_service_pb2_grpc
+
+from tests.dns_server import DnsServer
 
 NAME = "gateway.facegrid.test"
 ALIASES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
@@ -48,38 +48,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-class _Resolver(BaseResolver):  # type: ignore[misc]
-    """Answers NAME with the current addresses, TTL 1 s."""
-
-    def __init__(self) -> None:
-        self.addresses: list[str] = []
-        self.lock = threading.Lock()
-
-    def set(self, addresses: list[str]) -> None:
-        with self.lock:
-            self.addresses = list(addresses)
-
-    def resolve(self, request: object, handler: object) -> object:
-        reply = request.reply()  # type: ignore[attr-defined]
-        question = request.q  # type: ignore[attr-defined]
-        if str(question.qname).rstrip(".") == NAME and question.qtype == QTYPE.A:
-            with self.lock:
-                for address in self.addresses:
-                    reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(address), ttl=1))
-        return reply
-
-
 @pytest.fixture
-def dns() -> Iterator[tuple[_Resolver, int]]:
-    resolver = _Resolver()
-    port = free_port()
-    quiet = DNSLogger(log="-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
-    server = DNSServer(resolver, port=port, address="127.0.0.1", tcp=False, logger=quiet)
-    server.start_thread()
-    try:
-        yield resolver, port
-    finally:
-        server.stop()
+def dns() -> Iterator[DnsServer]:
+    with DnsServer() as server:
+        yield server
 
 
 def _served(service: RunningService, host: str) -> float:
@@ -95,9 +67,8 @@ def _served(service: RunningService, host: str) -> float:
 
 
 def test_a_replica_added_under_load_takes_its_share_and_one_removed_fails_no_call(
-    dns: tuple[_Resolver, int], tmp_path: Path
+    dns: DnsServer, tmp_path: Path
 ) -> None:
-    resolver, dns_port = dns
     credentials = tmp_path / "credentials.json"
     token = create_token(credentials, "load", ALL_SCOPES)
     port = free_port()
@@ -118,7 +89,7 @@ def test_a_replica_added_under_load_takes_its_share_and_one_removed_fails_no_cal
             replicas[host] = group.start(
                 "gateway", port=port, instance=f"gateway-{index}", host=host
             )
-        resolver.set(list(ALIASES[:2]))
+        dns.set(NAME, list(ALIASES[:2]))
         config = json.dumps(
             {
                 "loadBalancingConfig": [{"round_robin": {}}],
@@ -138,7 +109,7 @@ def test_a_replica_added_under_load_takes_its_share_and_one_removed_fails_no_cal
             }
         )
         channel = grpc.insecure_channel(
-            f"dns://127.0.0.1:{dns_port}/{NAME}:{port}",
+            dns.target(NAME, port),
             options=[
                 ("grpc.service_config", config),
                 ("grpc.enable_retries", 1),
@@ -166,7 +137,7 @@ def test_a_replica_added_under_load_takes_its_share_and_one_removed_fails_no_cal
         # A third replica joins the name under load.
         third = ALIASES[2]
         replicas[third] = group.start("gateway", port=port, instance="gateway-2", host=third)
-        resolver.set(list(ALIASES))
+        dns.set(NAME, list(ALIASES))
         before = {host: _served(service, host) for host, service in replicas.items()}
         time.sleep(10.0)
         after = {host: _served(service, host) for host, service in replicas.items()}
@@ -178,7 +149,7 @@ def test_a_replica_added_under_load_takes_its_share_and_one_removed_fails_no_cal
 
         # One leaves: out of the name first, then SIGTERM (it drains, then stops).
         leaving = ALIASES[0]
-        resolver.set([a for a in ALIASES if a != leaving])
+        dns.set(NAME, [a for a in ALIASES if a != leaving])
         time.sleep(1.0)
         removed = group.services.pop("gateway-0")
         removed.process.terminate()

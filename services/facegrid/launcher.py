@@ -104,6 +104,7 @@ class RunningService:
     address: str
     metrics_port: int
     process: subprocess.Popen[bytes]
+    extra: tuple[str, ...] = ()  # its own settings (ServiceGroup.start's ``extra``)
 
 
 class ServiceGroup:
@@ -143,6 +144,7 @@ class ServiceGroup:
         gRPC and metrics ports), e.g. a loopback alias 127.0.0.2, so that replicas can
         share one port behind one DNS name.
         """
+        own = tuple(extra)
         if host is not None:
             extra = [*extra, f"server.host={host}"]
         key = instance or name
@@ -158,11 +160,13 @@ class ServiceGroup:
         command = [sys.executable, "-m", "facegrid.cli", "serve", name, "--port", str(port)]
         overrides = [*self.overrides, *extra, f"{name}.metrics_port={metrics_port}"]
         if name in ("gateway", "ingest"):
-            # They call the services of this group where they really listen.
+            # They call the services of this group where they really listen, unless this
+            # instance is told otherwise (a DNS name in front of the replicas, say).
+            given = {item.split("=", 1)[0] for item in extra}
             overrides += [
                 f"{name}.{setting}={self._target(dependency)}"
                 for dependency, setting in CALLED_SERVICES.items()
-                if self._target(dependency)
+                if self._target(dependency) and f"{name}.{setting}" not in given
             ]
         for override in overrides:
             command += ["--set", override]
@@ -183,7 +187,7 @@ class ServiceGroup:
             if output is not None:
                 output.close()
         address = f"{host or self.settings.server.host}:{port}"
-        service = RunningService(key, name, address, metrics_port, process)
+        service = RunningService(key, name, address, metrics_port, process, own)
         self.services[key] = service
         wait_healthy(service.address, HEALTH_TIMEOUT_S, process)
         return service
@@ -208,6 +212,7 @@ class ServiceGroup:
             port=int(port),
             instance=name if name != service.kind else None,
             metrics_port=service.metrics_port,
+            extra=service.extra,
             host=host if host != self.settings.server.host else None,
         )
 

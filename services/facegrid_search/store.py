@@ -115,15 +115,20 @@ class MilvusStore:
 
     def get_spec(self, collection_id: str) -> CollectionSpec | None:
         # has_collection is a metadata call that sees a drop at once on a server, where a
-        # Session read can still return a deleted row; Strong would cost 200 ms a call.
+        # Session read can still return a deleted row; Strong would cost 200-400 ms a call.
         if not self.client.has_collection(faces_collection(collection_id)):
             return None
+        fields = ["collection_id", "definition", "create_time"]
         rows = self.client.get(
-            REGISTRY,
-            ids=[collection_id],
-            output_fields=["collection_id", "definition", "create_time"],
-            consistency_level="Session",
+            REGISTRY, ids=[collection_id], output_fields=fields, consistency_level="Session"
         )
+        if not rows and not self.is_lite:
+            # Session sees this client's own writes only: a collection another replica
+            # has just created exists (has_collection said so) but its registry row may
+            # not be visible yet. Read it with Strong, which only such a miss pays for.
+            rows = self.client.get(
+                REGISTRY, ids=[collection_id], output_fields=fields, consistency_level="Strong"
+            )
         return _spec(rows[0]) if rows else None
 
     def create_collection(self, spec: CollectionSpec) -> None:
