@@ -8,12 +8,13 @@ TRITON_VENV := .venv-triton
 MILVUS_VENV := .venv-milvus
 BIN := $(VENV)/bin
 BENCH_VENV := .venv-bench
+LOAD_VENV := .venv-load
 MODEL_REPO ?= model_repository
 PROTO_FILES := $(wildcard protos/facegrid/v1/*.proto)
 GEN_DIR := services/facegrid/v1
 PYTEST_ARGS ?=
 
-.PHONY: all up test lint protos models venv triton-venv milvus-venv bench-venv bench-gateway clean buf-lint format system-packages
+.PHONY: all up test lint protos models venv triton-venv milvus-venv bench-venv load-venv bench-gateway load-cluster clean buf-lint format system-packages
 
 all: venv protos models
 
@@ -27,7 +28,8 @@ $(BIN)/.installed: pyproject.toml requirements/constraints.txt
 # Side environments, one per requirements/<name>.txt, installed without resolving
 # (every pin is in the file): .venv-triton (Triton's bundled server pins numpy<2),
 # .venv-milvus (a real Milvus 2.3 standalone server for the tests), .venv-bench (the
-# face_recognition library, only for loadtest/bench_gateway.py's comparison).
+# face_recognition library, only for loadtest/bench_gateway.py's comparison), .venv-load
+# (Locust, only for loadtest/load_cluster.py).
 .venv-%/.installed: requirements/%.txt
 	$(PYTHON) -m venv .venv-$*
 	.venv-$*/bin/pip install --quiet --disable-pip-version-check pip==25.3
@@ -42,6 +44,12 @@ venv: $(BIN)/.installed
 triton-venv: $(TRITON_VENV)/.installed
 milvus-venv: $(MILVUS_VENV)/.installed
 bench-venv: $(BENCH_VENV)/.installed
+load-venv: $(LOAD_VENV)/.installed
+
+# By hand (not in make test): Locust against the one-machine cluster while every tier is
+# restarted (SIGTERM, then SIGKILL); figures in README ("Load test").
+load-cluster: venv protos models milvus-venv load-venv
+	$(BIN)/python loadtest/load_cluster.py --json var/load_cluster.json
 
 # By hand (not in make test): SearchFacesByImage end to end vs its stages vs face_recognition.
 bench-gateway: venv protos models bench-venv
@@ -96,4 +104,4 @@ test: venv triton-venv milvus-venv protos models system-packages lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) $(MILVUS_VENV) $(BENCH_VENV) $(GEN_DIR) $(MODEL_REPO) node_modules build .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(TRITON_VENV) $(MILVUS_VENV) $(BENCH_VENV) $(LOAD_VENV) $(GEN_DIR) $(MODEL_REPO) node_modules build .mypy_cache .ruff_cache .pytest_cache

@@ -10,11 +10,13 @@ one chain in a real PostgreSQL server, ingest's state is in a real nats-server.
 
 ``Cluster.restart(kind, host)`` takes a replica out of its name, stops it with SIGTERM
 (it drains), starts it again on the same address and puts it back: a rolling update.
+``Cluster.kill(kind, host)`` kills one with SIGKILL and replaces it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +37,8 @@ CALLED = {"detection": "detection_address", "embedding": "embedding_address"}
 CALLED["search"] = "search_address"
 # Out of the name this long before SIGTERM: clients re-resolve within a second.
 LEAVE_S = 1.5
+# After a replica is back: time for clients to reconnect to it before the next goes.
+SETTLE_S = 2.0
 
 
 @dataclass
@@ -79,6 +83,20 @@ class Cluster:
         self.group.restart(f"{kind}@{host}")
         self.replicas[kind].append(host)
         self._publish(kind)
+        time.sleep(SETTLE_S)  # clients reconnect before the next one goes (minReadySeconds)
+
+    def kill(self, kind: str, host: str, dead_s: float = 5.0) -> None:
+        """SIGKILL one replica, leave it dead but still in its name for ``dead_s`` (as
+        until a readiness probe fails), then take it out and start a new one there."""
+        name = f"{kind}@{host}"
+        service = self.group.services[name]
+        service.process.send_signal(signal.SIGKILL)
+        service.process.wait(10)
+        time.sleep(dead_s)
+        self.replicas[kind].remove(host)
+        self._publish(kind)
+        del self.group.services[name]
+        self.start(kind, host, list(service.extra))
 
 
 def _dependencies(kind: str, dns: DnsServer, ports: dict[str, int]) -> list[str]:

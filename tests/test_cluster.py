@@ -1,7 +1,9 @@
 """The one-machine cluster (tests/cluster.py): two replicas of every service behind DNS
 names, a real Milvus server, one PostgreSQL audit chain. Every tier is rolled, one
-replica at a time with SIGTERM, while a client searches through the gateway's name: no
-call fails, the chain verifies, and every successful search has exactly one record."""
+replica at a time with SIGTERM, then a search and a gateway replica are killed with
+SIGKILL, while a client searches through the gateway's name: no call fails, the chain
+verifies, and every successful search has exactly one record. (The short version of
+loadtest/load_cluster.py.)"""
 
 from __future__ import annotations
 
@@ -83,7 +85,13 @@ def test_every_tier_rolled_under_load_fails_no_call(cluster: Cluster) -> None:
         options=[
             ("grpc.service_config", RETRIED),
             ("grpc.enable_retries", 1),
+            # A call is retried only while its request fits the retry buffer (256 KiB by
+            # default, less than many photos): past it, a replica that dies mid-call fails it.
+            ("grpc.per_rpc_retry_buffer_size", 64 * 1024 * 1024),
             ("grpc.dns_min_time_between_resolutions_ms", 500),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ],
     )
     api = face_service_pb2_grpc.FaceServiceStub(channel)
@@ -130,6 +138,9 @@ def test_every_tier_rolled_under_load_fails_no_call(cluster: Cluster) -> None:
         for kind in KINDS:
             for host in HOSTS:
                 cluster.restart(kind, host)
+        # Killed outright: the idempotent calls are retried on the other replica.
+        for kind in ("search", "gateway"):
+            cluster.kill(kind, HOSTS[0], dead_s=3.0)
         time.sleep(3.0)
     finally:
         stop.set()

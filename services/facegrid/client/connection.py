@@ -62,6 +62,14 @@ def open_channel(address: str) -> grpc.Channel:
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.service_config", _SERVICE_CONFIG),
         ("grpc.dns_min_time_between_resolutions_ms", 1000),
+        # A call is retried only while its request fits the retry buffer (256 KiB by
+        # default, less than many photos): past it, a replica that dies mid-call fails it.
+        ("grpc.per_rpc_retry_buffer_size", 64 * 1024 * 1024),
+        # A restarted replica is reconnected within about a second (gRPC's default
+        # backoff grows to two minutes, during which only the other replicas serve).
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
     ]
     return grpc.insecure_channel(address, options=options)
 

@@ -83,6 +83,9 @@ class Downstream:
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
             ("grpc.enable_retries", 1),
+            # A call is retried only while its request fits the retry buffer (256 KiB by
+            # default, less than many photos): past it, a replica that dies mid-call fails it.
+            ("grpc.per_rpc_retry_buffer_size", 64 * 1024 * 1024),
             # Re-resolve a dns:/// name (new replicas) as soon as a connection is told
             # to go away (server.max_connection_age_s), not at most every 30 s.
             ("grpc.dns_min_time_between_resolutions_ms", 1000),
