@@ -798,6 +798,7 @@ def test_a_push_stream_moved_to_another_replica_takes_the_source_over(
         "ingest", port=0, instance="ingest-4", extra=["ingest.replica_id=replica-d"]
     )
     channel = grpc.insecure_channel(other.address)
+    stop = threading.Event()
     try:
         on_other = ingest_pb2_grpc.IngestServiceStub(channel)
         name = s.ingest.CreateStreamProcessor(
@@ -814,7 +815,6 @@ def test_a_push_stream_moved_to_another_replica_takes_the_source_over(
             I.StartStreamProcessorRequest(name=name), metadata=md, timeout=30
         )
         frames = _clip_jpegs()
-        stop = threading.Event()
 
         def endless(first_seq: int) -> Iterator[I.PushFramesRequest]:
             for index in itertools.count():
@@ -871,6 +871,7 @@ def test_a_push_stream_moved_to_another_replica_takes_the_source_over(
             I.StopStreamProcessorRequest(name=name), metadata=md, timeout=30
         )
     finally:
+        stop.set()
         channel.close()
         other.process.send_signal(signal.SIGTERM)
         assert other.process.wait(30) == 0

@@ -37,6 +37,8 @@ from facegrid_ingest.processors import ProcessorStore, StoredProcessor
 from facegrid_ingest.sources import PullReader, SourceState
 
 log = logging.getLogger(__name__)
+# How long stop() waits for the replica's loops to end.
+_STOP_WAIT_S = 5.0
 
 SP = ingest_pb2.StreamProcessor
 VS = ingest_pb2.VideoSource
@@ -172,9 +174,18 @@ class Replica:
     async def stop(self) -> None:
         """Hand every source over (release its lease) and stop."""
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._wake.set()
+        # A cancellation can be swallowed inside a NATS call (nats-py turns some into
+        # timeouts): cancel again until the loops are gone, and they stop on their own
+        # at their next round since _stopping is set.
+        pending = {task for task in self._tasks if not task.done()}
+        deadline = time.monotonic() + _STOP_WAIT_S
+        while pending and time.monotonic() < deadline:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=1.0)
+        if pending:
+            log.warning("%d replica tasks did not stop; exiting without them", len(pending))
         for key in list(self.workers):
             await self._stop_worker(key)
         with contextlib.suppress(Exception):
@@ -185,7 +196,7 @@ class Replica:
         self._wake.set()
 
     async def _watch_processors(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 async for _ in self._store.changes():
                     self._wake.set()
@@ -196,7 +207,7 @@ class Replica:
                 await asyncio.sleep(1.0)
 
     async def _control_loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.reconcile()
             except asyncio.CancelledError:
@@ -208,6 +219,8 @@ class Replica:
                 await asyncio.wait_for(self._wake.wait(), self._leases.interval_s)
 
     async def reconcile(self) -> None:
+        if self._stopping:
+            return  # handing over: take nothing new
         processors = {p.processor_id: p for p in await self._store.list()}
         wanted: dict[str, tuple[StoredProcessor, VS]] = {}
         every: dict[str, tuple[StoredProcessor, VS]] = {}
@@ -267,6 +280,8 @@ class Replica:
     # ------------------------------------------------------------------ pull sources
 
     def _start_pull(self, key: str, stored: StoredProcessor, source: VS, revision: int) -> None:
+        if self._stopping:
+            return
         config = source_config(stored, source, revision)
         run = SourceRun(config, holds_lease=lambda: self._holds(key, revision))
         worker = SourceWorker(key=key, run=run, lease_revision=revision)
@@ -411,7 +426,7 @@ class Replica:
 
     async def _status_loop(self) -> None:
         last_written: dict[str, float] = {}
-        while True:
+        while not self._stopping:
             await asyncio.sleep(0.25)
             now = time.monotonic()
             for key, worker in list(self.workers.items()):
