@@ -44,7 +44,7 @@ from facegrid.v1 import face_service_pb2, face_service_pb2_grpc, resources_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.cluster import HOSTS, KINDS, Cluster, running_cluster  # noqa: E402
+from tests.cluster import HOSTS, KINDS, Cluster, all_audit_records, running_cluster  # noqa: E402
 
 F = face_service_pb2
 FACES = Path(os.environ.get("FACEGRID_TEST_FACES", ROOT.parent / "shared" / "data" / "faces"))
@@ -138,19 +138,6 @@ def read_stats(prefix: Path) -> dict[str, Any]:
     return {"by_method": stats, "failures": failures}
 
 
-def all_records(api: face_service_pb2_grpc.FaceServiceStub, md: Any) -> list[Any]:
-    records: list[Any] = []
-    token = ""
-    while True:
-        page = api.ListAuditRecords(
-            F.ListAuditRecordsRequest(page_size=1000, page_token=token), metadata=md, timeout=120
-        )
-        records.extend(page.audit_records)
-        token = page.next_page_token
-        if not token:
-            return records
-
-
 def all_faces(api: face_service_pb2_grpc.FaceServiceStub, md: Any) -> list[Any]:
     faces: list[Any] = []
     token = ""
@@ -224,7 +211,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         print("\n".join(events), flush=True)
         calls_after = gateway_calls(cluster)  # the restarted replicas count from 0
         stats = read_stats(prefix)
-        records = all_records(api, md)
+        records = all_audit_records(api, md)
         report = verify_chain(records)
         searches_ok = sum(
             1

@@ -26,6 +26,7 @@ from facegrid.auth import ALL_SCOPES, bearer_metadata, create_token
 from facegrid.launcher import RunningService, ServiceGroup
 from facegrid.nats_server import NatsServer
 from facegrid.processes import free_ports
+from facegrid.v1 import face_service_pb2, face_service_pb2_grpc
 
 from tests.dns_server import DnsServer
 from tests.postgres_server import PostgresServer
@@ -97,6 +98,24 @@ class Cluster:
         self._publish(kind)
         del self.group.services[name]
         self.start(kind, host, list(service.extra))
+
+
+def all_audit_records(
+    api: face_service_pb2_grpc.FaceServiceStub, metadata: tuple[tuple[str, str]]
+) -> list[face_service_pb2.AuditRecord]:
+    """Every audit record, in log order, read through the gateway page by page."""
+    records: list[face_service_pb2.AuditRecord] = []
+    token = ""
+    while True:
+        page = api.ListAuditRecords(
+            face_service_pb2.ListAuditRecordsRequest(page_size=1000, page_token=token),
+            metadata=metadata,
+            timeout=120,
+        )
+        records.extend(page.audit_records)
+        token = page.next_page_token
+        if not token:
+            return records
 
 
 def _dependencies(kind: str, dns: DnsServer, ports: dict[str, int]) -> list[str]:

@@ -8,12 +8,24 @@ authority).
 
 from __future__ import annotations
 
+import socket
 import threading
 from types import TracebackType
 
 from dnslib import QTYPE, RR, A
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 from facegrid.processes import free_port
+
+
+def addresses_bind(*addresses: str) -> bool:
+    """Whether every address can be bound here (loopback aliases 127.0.0.2 and up)."""
+    for address in addresses:
+        with socket.socket() as probe:
+            try:
+                probe.bind((address, 0))
+            except OSError:
+                return False
+    return True
 
 
 class _Resolver(BaseResolver):  # type: ignore[misc]

@@ -8,7 +8,6 @@ loadtest/load_cluster.py.)"""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,8 +18,9 @@ import pytest
 from facegrid.audit_chain import verify_chain
 from facegrid.v1 import common_pb2, face_service_pb2, face_service_pb2_grpc, resources_pb2
 
-from tests.cluster import HOSTS, KINDS, Cluster, running_cluster
+from tests.cluster import HOSTS, KINDS, Cluster, all_audit_records, running_cluster
 from tests.conftest import SHARED_DATA, inference_overrides
+from tests.dns_server import addresses_bind
 from tests.postgres_server import find_bindir
 
 F = face_service_pb2
@@ -28,18 +28,9 @@ PHOTO = SHARED_DATA / "faces" / "misc" / "lin-manuel-miranda.png"
 SEARCH = "/facegrid.v1.FaceService/SearchFacesByImage"
 
 
-def _binds(address: str) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind((address, 0))
-        except OSError:
-            return False
-    return True
-
-
 pytestmark = [
     pytest.mark.skipif(find_bindir() is None, reason="no PostgreSQL server"),
-    pytest.mark.skipif(not all(_binds(h) for h in HOSTS), reason="loopback aliases do not bind"),
+    pytest.mark.skipif(not addresses_bind(*HOSTS), reason="loopback aliases do not bind"),
     pytest.mark.skipif(not PHOTO.is_file(), reason=f"{PHOTO} is missing"),
 ]
 
@@ -153,16 +144,7 @@ def test_every_tier_rolled_under_load_fails_no_call(cluster: Cluster) -> None:
     assert all(found), "every search found the enrolled face"
 
     # One chain, verified, written by both gateway replicas; one record per success.
-    records: list[face_service_pb2.AuditRecord] = []
-    token = ""
-    while True:
-        page = api.ListAuditRecords(
-            F.ListAuditRecordsRequest(page_size=1000, page_token=token), metadata=md, timeout=60
-        )
-        records.extend(page.audit_records)
-        token = page.next_page_token
-        if not token:
-            break
+    records = all_audit_records(api, md)
     channel.close()
     assert verify_chain(records).intact
     searches = [r for r in records if r.method == SEARCH and r.context.case_id == "CLUSTER-1"]

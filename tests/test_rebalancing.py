@@ -14,7 +14,6 @@ client re-resolves the name and connects to every address it now has.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.request
@@ -28,23 +27,14 @@ from facegrid.launcher import RunningService, ServiceGroup
 from facegrid.processes import free_port
 from facegrid.v1 import face_service_pb2, face_service_pb2_grpc
 
-from tests.dns_server import DnsServer
+from tests.dns_server import DnsServer, addresses_bind
 
 NAME = "gateway.facegrid.test"
 ALIASES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 
 
-def _alias_binds(address: str) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind((address, 0))
-        except OSError:
-            return False
-    return True
-
-
 pytestmark = pytest.mark.skipif(
-    not all(_alias_binds(a) for a in ALIASES), reason="loopback aliases 127.0.0.2-4 do not bind"
+    not addresses_bind(*ALIASES), reason="loopback aliases 127.0.0.2-4 do not bind"
 )
 
 

@@ -293,13 +293,16 @@ class FramePipeline:
                 model_version = await self._embed_shots(shots, model_version, deadline)
                 await self._search(shots, model_version, deadline)
 
-    def _plan(self, run: SourceRun, frame: SampledFrame, width: int, height: int) -> _Plan:
+    def _full_frame_due(self, run: SourceRun, frame: SampledFrame) -> bool:
         last = run.last_full_frame_s
-        if (
-            last is None
+        return (
+            self._full_frame_interval_s <= 0
+            or last is None
             or frame.capture_time - last >= self._full_frame_interval_s - FULL_FRAME_SLACK_S
-        ):
-            return _Plan(None)
+        )
+
+    def _plan(self, run: SourceRun, frame: SampledFrame, width: int, height: int) -> _Plan:
+        """Between full-frame detections: regions around the tracks wanting a shot."""
         wanting = [
             track.predicted_box(frame.capture_time)
             for track in run.tracker.tracks
@@ -320,12 +323,12 @@ class FramePipeline:
         """The frame's faces that pass the quality filter; None: the frame was not looked at."""
         source = (run.config.processor_id, run.config.source_id)
         pixels = frame.pixels
-        if self._full_frame_interval_s > 0 and run.last_full_frame_s is not None:
+        if self._full_frame_due(run, frame):
+            plan = _Plan(None)  # pushed bytes go to detection as they are, not decoded here
+        else:
             if pixels is None:
                 pixels = await asyncio.to_thread(frame.rgb)
             plan = self._plan(run, frame, pixels.shape[1], pixels.shape[0])
-        else:
-            plan = _Plan(None)
         if plan.skip:
             run.counters.detections_skipped += 1
             metrics.INGEST_DETECTIONS.labels(*source, "skipped").inc()
