@@ -16,9 +16,11 @@ is killed with SIGKILL. Run by hand (`make load-cluster`); figures in README.
    with SIGKILL, left dead for 5 s (as until a readiness probe fails), taken out of the
    name and started again.
 5. Afterwards: Locust's counts, p50/p99 and failures by method and status; the audit
-   chain verified through the gateway, and the successful searches against their audit
-   records (exactly one each: more would be duplicated records, fewer lost ones); no
-   external image id enrolled twice; each gateway replica's share of the calls.
+   chain verified through the gateway; every successful identification call (searches
+   and comparisons, from Locust's ledger of request ids) against the audit log: exactly
+   one successful record with its request_id, the one its reply named (more would be
+   duplicated records, fewer lost ones); no external image id enrolled twice; each
+   gateway replica's share of the calls.
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ F = face_service_pb2
 FACES = Path(os.environ.get("FACEGRID_TEST_FACES", ROOT.parent / "shared" / "data" / "faces"))
 PHOTOS = FACES / "knn" / "train"
 LOCUST = ROOT / ".venv-load" / "bin" / "locust"
-SEARCH = "/facegrid.v1.FaceService/SearchFacesByImage"
 
 
 def model_repository(work: Path) -> Path:
@@ -153,6 +154,34 @@ def all_faces(api: face_service_pb2_grpc.FaceServiceStub, md: Any) -> list[Any]:
             return faces
 
 
+def identification_check(ledger: Path, records: list[Any]) -> dict[str, Any]:
+    """Each successful identification call of the ledger against the audit log."""
+    calls = [json.loads(line) for line in ledger.read_text().splitlines()]
+    methods = {c["method"] for c in calls}
+    ok_records: dict[str, list[str]] = {}
+    for record in records:
+        if record.method.rsplit("/", 1)[-1] not in methods:
+            continue  # enrolments carry request ids too
+        if record.request_id and record.status_code == 0:
+            ok_records.setdefault(record.request_id, []).append(record.name)
+    succeeded = [c for c in calls if c["status"] == "OK"]
+    exactly_one = sum(
+        1 for c in succeeded if ok_records.get(c["request_id"]) == [c["audit_record"]]
+    )
+    return {
+        "identification_calls": len(calls),
+        "identification_calls_ok": len(succeeded),
+        "identification_calls_ok_with_exactly_their_one_record": exactly_one,
+        "identification_failures_by_status": dict(
+            Counter(c["status"] for c in calls if c["status"] != "OK")
+        ),
+        "request_ids_with_several_ok_records": sum(1 for v in ok_records.values() if len(v) > 1),
+        "ok_records_without_a_successful_call": len(
+            set(ok_records) - {c["request_id"] for c in succeeded}
+        ),
+    }
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from tests.conftest import inference_overrides
 
@@ -179,6 +208,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "FACEGRID_LOAD_TOKEN": cluster.token,
             "FACEGRID_LOAD_PHOTOS": str(PHOTOS),
             "FACEGRID_LOAD_RATE": str(args.rate),
+            "FACEGRID_LOAD_LEDGER": str(work / "ledger.jsonl"),
         }
         calls_before = gateway_calls(cluster)
         locust = subprocess.Popen(
@@ -213,12 +243,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         stats = read_stats(prefix)
         records = all_audit_records(api, md)
         report = verify_chain(records)
-        searches_ok = sum(
-            1
-            for r in records
-            if r.method == SEARCH and r.context.case_id == "LOAD-1" and r.status_code == 0
-        )
-        search_stats = stats["by_method"].get("SearchFacesByImage", {"requests": 0, "failures": 0})
+        identification = identification_check(work / "ledger.jsonl", records)
         faces = all_faces(api, md)
         enrolled = Counter(f.external_image_id for f in faces)
         channel.close()
@@ -233,8 +258,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "audit_records": len(records),
             "audit_chain_intact": report.intact,
             "audit_break": str(report.first_break) if report.first_break else None,
-            "successful_searches": search_stats["requests"] - search_stats["failures"],
-            "search_records_ok": searches_ok,
+            **identification,
             "external_ids_enrolled_twice": sum(1 for n in enrolled.values() if n > 1),
             "gateway_calls_before": calls_before,
             "gateway_calls_after_counted_since_restart": calls_after,

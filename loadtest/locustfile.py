@@ -5,12 +5,17 @@ Each user calls at a fixed rate (``constant_throughput``), so the arrival rate i
 users x FACEGRID_LOAD_RATE calls/s whatever the latency: searches by image, enrolments,
 reads (get/list), comparisons and deletes of faces it enrolled. The channel balances
 round-robin over every gateway address the name resolves to, with health checks, and
-gRPC retries UNAVAILABLE for idempotent methods only; IndexFaces and BatchDeleteFaces
-are not retried, so their failures show as they are.
+gRPC retries UNAVAILABLE for every method of the mix: each is idempotent as sent
+(searches, comparisons and enrolments carry a request_id, deletes set allow_missing), so
+a retry neither enrols twice nor leaves a second audit record.
+
+Each identification call and its outcome is appended to FACEGRID_LOAD_LEDGER (JSON
+lines: method, request_id, status, the audit record its reply named), which
+load_cluster.py checks against the audit log.
 
 Environment: FACEGRID_LOAD_TARGET (gRPC target of the gateway), FACEGRID_LOAD_TOKEN,
 FACEGRID_LOAD_PHOTOS (a folder of photos, one face each), FACEGRID_LOAD_RATE (calls/s a
-user, default 0.5), FACEGRID_LOAD_COLLECTION (default "load").
+user, default 0.5), FACEGRID_LOAD_COLLECTION (default "load"), FACEGRID_LOAD_LEDGER.
 """
 
 from __future__ import annotations
@@ -49,9 +54,12 @@ PARENT = f"collections/{os.environ.get('FACEGRID_LOAD_COLLECTION', 'load')}"
 CONTEXT = common_pb2.IdentificationContext(
     purpose=common_pb2.IdentificationContext.PURPOSE_TESTING, case_id="LOAD-1"
 )
+LEDGER = os.environ.get("FACEGRID_LOAD_LEDGER", "")
 IDEMPOTENT = [
     "SearchFacesByImage",
     "CompareFaces",
+    "IndexFaces",
+    "BatchDeleteFaces",
     "GetCollection",
     "ListFaces",
     "GetFace",
@@ -104,15 +112,22 @@ class GatewayUser(User):
     def on_stop(self) -> None:
         self.channel.close()
 
-    def _call(self, name: str, call: Callable[[], Any]) -> Any:
+    def _call(self, name: str, call: Callable[[], Any], request_id: str = "") -> Any:
         started = time.perf_counter()
         error: BaseException | None = None
         result = None
+        status = "OK"
         try:
             result = call()
         except grpc.RpcError as failed:
             code = failed.code()  # type: ignore[attr-defined]
-            error = RuntimeError(f"{code.name if code else 'UNKNOWN'}")
+            status = code.name if code else "UNKNOWN"
+            error = RuntimeError(status)
+        if request_id and LEDGER:
+            entry = {"method": name, "request_id": request_id, "status": status}
+            entry["audit_record"] = getattr(result, "audit_record", "")
+            with open(LEDGER, "a") as ledger:  # one process, gevent: whole lines
+                ledger.write(json.dumps(entry) + "\n")
         self.environment.events.request.fire(
             request_type="grpc",
             name=name,
@@ -126,11 +141,16 @@ class GatewayUser(User):
     @task(4)
     def search_by_image(self) -> None:
         request = F.SearchFacesByImageRequest(
-            parent=PARENT, image=random.choice(PHOTOS), max_faces=5, context=CONTEXT
+            parent=PARENT,
+            image=random.choice(PHOTOS),
+            max_faces=5,
+            context=CONTEXT,
+            request_id=str(uuid.uuid4()),
         )
         self._call(
             "SearchFacesByImage",
             lambda: self.api.SearchFacesByImage(request, metadata=self.metadata, timeout=30),
+            request.request_id,
         )
 
     @task(1)
@@ -170,10 +190,16 @@ class GatewayUser(User):
     @task(1)
     def compare(self) -> None:
         source, target = random.sample(PHOTOS, 2)
-        request = F.CompareFacesRequest(source_image=source, target_image=target, context=CONTEXT)
+        request = F.CompareFacesRequest(
+            source_image=source,
+            target_image=target,
+            context=CONTEXT,
+            request_id=str(uuid.uuid4()),
+        )
         self._call(
             "CompareFaces",
             lambda: self.api.CompareFaces(request, metadata=self.metadata, timeout=30),
+            request.request_id,
         )
 
     @task(1)

@@ -12,37 +12,19 @@ import grpc
 import pytest
 from facegrid.accountability import AuditDraft, Gatekeeper
 from facegrid.audit_chain import record_digest, verify_chain
-from facegrid.audit_log import AuditChainError, SqliteAuditLog
+from facegrid.audit_log import AuditChainError, SqliteAuditLog, index_columns, next_record
 from facegrid.auth import Credentials
 from facegrid.errors import ServiceError
-from facegrid.v1 import common_pb2, face_service_pb2
+from facegrid.v1 import face_service_pb2
+
+from tests.audit_helpers import append, attempt, retried_call_cases
 
 AuditRecord = face_service_pb2.AuditRecord
 
 
-def _append(log: SqliteAuditLog, count: int, case_id: str = "C-1") -> list[AuditRecord]:
-    async def run() -> list[AuditRecord]:
-        return [
-            await log.append(
-                AuditRecord(
-                    principal=f"user-{i}",
-                    method="/facegrid.v1.FaceService/SearchFacesByImage",
-                    context=common_pb2.IdentificationContext(
-                        purpose=common_pb2.IdentificationContext.PURPOSE_TESTING, case_id=case_id
-                    ),
-                    collection="collections/gallery",
-                    result_resources=[f"collections/gallery/faces/{i}"],
-                )
-            )
-            for i in range(count)
-        ]
-
-    return asyncio.run(run())
-
-
 def test_records_are_chained_and_verify(tmp_path: Path) -> None:
     log = SqliteAuditLog(tmp_path / "audit.db")
-    records = _append(log, 5)
+    records = append(log, 5)
     assert [r.sequence_number for r in records] == [1, 2, 3, 4, 5]
     assert records[0].previous_record_hash == b""
     for before, after in itertools.pairwise(records):
@@ -56,7 +38,7 @@ def test_records_are_chained_and_verify(tmp_path: Path) -> None:
     log.close()
     # Reopened, the chain goes on where it stopped.
     reopened = SqliteAuditLog(tmp_path / "audit.db")
-    more = _append(reopened, 1)
+    more = append(reopened, 1)
     assert more[0].sequence_number == 6
     assert more[0].previous_record_hash == records[-1].record_hash
     reopened.close()
@@ -64,7 +46,7 @@ def test_records_are_chained_and_verify(tmp_path: Path) -> None:
 
 def test_records_cannot_be_updated_or_deleted_through_sqlite(tmp_path: Path) -> None:
     log = SqliteAuditLog(tmp_path / "audit.db")
-    _append(log, 2)
+    append(log, 2)
     log.close()
     db = sqlite3.connect(tmp_path / "audit.db")
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
@@ -77,7 +59,7 @@ def test_records_cannot_be_updated_or_deleted_through_sqlite(tmp_path: Path) -> 
 def test_a_tampered_log_is_refused_at_start(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
     log = SqliteAuditLog(path)
-    records = _append(log, 3)
+    records = append(log, 3)
     log.close()
     # Someone with write access to the file drops the triggers and edits a record.
     edited = AuditRecord()
@@ -110,7 +92,7 @@ def test_no_results_without_an_audit_record(tmp_path: Path) -> None:
 def _write_from_another_process(path: str, count: int, case_id: str, go: Any) -> None:
     log = SqliteAuditLog(Path(path))
     go.wait(60)  # a Barrier: both begin together
-    _append(log, count, case_id)
+    append(log, count, case_id)
     log.close()
 
 
@@ -140,3 +122,36 @@ def test_two_writing_processes_never_fork_the_chain(tmp_path: Path) -> None:
     assert verify_chain(page.records).intact
     cases = {r.context.case_id for r in page.records}
     assert cases == {"C-0", "C-1"}
+
+
+def test_a_retried_call_is_recorded_once(tmp_path: Path) -> None:
+    log = SqliteAuditLog(tmp_path / "audit.db")
+    retried_call_cases(log)
+    log.close()
+
+
+def test_a_log_from_before_request_ids_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE audit_records (sequence_number INTEGER PRIMARY KEY, "
+        "record_id TEXT NOT NULL UNIQUE, create_time_us INTEGER NOT NULL, "
+        "principal TEXT NOT NULL, method TEXT NOT NULL, case_id TEXT NOT NULL, "
+        "purpose INTEGER NOT NULL, collection TEXT NOT NULL, record BLOB NOT NULL, "
+        "record_hash BLOB NOT NULL);"
+    )
+    draft = attempt("")
+    draft.context.case_id = "C-old"
+    record = next_record(draft, None)
+    old.execute(
+        "INSERT INTO audit_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        index_columns(record)[:10],
+    )
+    old.commit()
+    old.close()
+    log = SqliteAuditLog(path)
+    retried_call_cases(log)
+    records = asyncio.run(log.list(face_service_pb2.AuditRecordFilter(), 0, 100)).records
+    assert records[0] == record
+    assert verify_chain(list(records)).intact
+    log.close()

@@ -19,15 +19,17 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from facegrid import audit_checkpoint
 from facegrid.audit_chain import record_digest, verify_chain
-from facegrid.audit_log import AuditChainError, SqliteAuditLog
+from facegrid.audit_log import AuditChainError, SqliteAuditLog, index_columns, next_record
 from facegrid.audit_postgres import (
     AuditMigrationError,
+    AuditSchemaError,
     PostgresAuditLog,
     create_schema,
     migrate,
 )
-from facegrid.v1 import common_pb2, face_service_pb2
+from facegrid.v1 import face_service_pb2
 
+from tests.audit_helpers import append, attempt, draft, retried_call_cases
 from tests.postgres_server import PostgresServer, find_bindir
 
 pytestmark = pytest.mark.skipif(
@@ -53,25 +55,6 @@ def url(server: PostgresServer) -> str:
     return server.url.rsplit("/", 1)[0] + "/" + name
 
 
-def _draft(i: int, case_id: str = "C-1") -> AuditRecord:
-    return AuditRecord(
-        principal=f"user-{i}",
-        method="/facegrid.v1.FaceService/SearchFacesByImage",
-        context=common_pb2.IdentificationContext(
-            purpose=common_pb2.IdentificationContext.PURPOSE_TESTING, case_id=case_id
-        ),
-        collection="collections/gallery",
-        result_resources=[f"collections/gallery/faces/{i}"],
-    )
-
-
-def _append(log: Any, count: int, case_id: str = "C-1") -> list[AuditRecord]:
-    async def run() -> list[AuditRecord]:
-        return [await log.append(_draft(i, case_id)) for i in range(count)]
-
-    return asyncio.run(run())
-
-
 def _all(log: Any) -> list[AuditRecord]:
     page = asyncio.run(log.list(face_service_pb2.AuditRecordFilter(), 0, 10_000))
     return list(page.records)
@@ -79,7 +62,7 @@ def _all(log: Any) -> list[AuditRecord]:
 
 def test_records_are_chained_read_back_and_continued_after_a_reopen(url: str) -> None:
     log = PostgresAuditLog(url)
-    records = _append(log, 5)
+    records = append(log, 5)
     assert [r.sequence_number for r in records] == [1, 2, 3, 4, 5]
     for before, after in itertools.pairwise(records):
         assert after.previous_record_hash == before.record_hash
@@ -96,7 +79,7 @@ def test_records_are_chained_read_back_and_continued_after_a_reopen(url: str) ->
     assert asyncio.run(log.head()) == records[-1]
     log.close()
     reopened = PostgresAuditLog(url)
-    assert _append(reopened, 1)[0].sequence_number == 6
+    assert append(reopened, 1)[0].sequence_number == 6
     assert verify_chain(_all(reopened)).intact
     reopened.close()
 
@@ -104,7 +87,7 @@ def test_records_are_chained_read_back_and_continued_after_a_reopen(url: str) ->
 def _write_from_another_process(url: str, count: int, case_id: str, go: Any) -> None:
     log = PostgresAuditLog(url)
     go.wait(60)  # a Barrier: all begin together
-    _append(log, count, case_id)
+    append(log, count, case_id)
     log.close()
 
 
@@ -133,7 +116,7 @@ def test_four_writing_processes_never_fork_the_chain_and_never_fail(url: str) ->
 
 def test_the_database_refuses_to_change_records(url: str, server: PostgresServer) -> None:
     log = PostgresAuditLog(url)
-    _append(log, 3)
+    append(log, 3)
     log.close()
     with psycopg.connect(url, autocommit=True) as owner:
         for statement in (
@@ -156,7 +139,7 @@ def test_the_database_refuses_to_change_records(url: str, server: PostgresServer
     assert "audit_writer may only read and append" in setup.stdout
     writer_url = url.replace("facegrid@", "audit_writer@")
     writer_log = PostgresAuditLog(writer_url)  # finds the table; creates nothing
-    assert _append(writer_log, 1)[0].sequence_number == 4
+    assert append(writer_log, 1)[0].sequence_number == 4
     writer_log.close()
     with psycopg.connect(writer_url, autocommit=True) as writer:
         for statement in (
@@ -209,7 +192,7 @@ def _rewrite_from(url: str, sequence: int, principal: str) -> None:
 
 def test_a_signed_checkpoint_catches_a_rewrite_by_the_databases_owner(url: str) -> None:
     log = PostgresAuditLog(url)
-    _append(log, 6)
+    append(log, 6)
     head = asyncio.run(log.head())
     assert head is not None
     key = Ed25519PrivateKey.generate()
@@ -245,7 +228,7 @@ def test_a_signed_checkpoint_catches_a_rewrite_by_the_databases_owner(url: str) 
 
 def test_a_tampered_tail_stops_the_log_from_opening(url: str) -> None:
     log = PostgresAuditLog(url)
-    _append(log, 3)
+    append(log, 3)
     log.close()
     with psycopg.connect(url) as owner:
         owner.execute("ALTER TABLE audit_records DISABLE TRIGGER audit_records_no_change")
@@ -258,7 +241,7 @@ def test_a_tampered_tail_stops_the_log_from_opening(url: str) -> None:
 
 def test_migration_from_sqlite_keeps_the_chain(tmp_path: Path, url: str) -> None:
     sqlite = SqliteAuditLog(tmp_path / "audit.db")
-    before = _append(sqlite, 10)
+    before = append(sqlite, 10)
     sqlite.close()
     cli = Path(sys.executable).with_name("facegrid")
     migrated = subprocess.run(
@@ -271,7 +254,7 @@ def test_migration_from_sqlite_keeps_the_chain(tmp_path: Path, url: str) -> None
     assert "migrated 10 audit records" in migrated.stdout
     log = PostgresAuditLog(url)
     assert _all(log) == before  # names, sequence numbers and hashes as they were
-    after = _append(log, 1)[0]
+    after = append(log, 1)[0]
     assert after.sequence_number == 11
     assert after.previous_record_hash == before[-1].record_hash
     assert verify_chain(_all(log)).intact
@@ -293,7 +276,7 @@ def test_migration_from_sqlite_keeps_the_chain(tmp_path: Path, url: str) -> None
 
 def test_a_broken_source_is_not_migrated(tmp_path: Path, url: str) -> None:
     sqlite = SqliteAuditLog(tmp_path / "audit.db")
-    _append(sqlite, 4)
+    append(sqlite, 4)
     rows = sqlite.rows()
     sqlite.close()
     broken = [row for row in rows if row[0] != 3]  # record 3 removed
@@ -312,7 +295,7 @@ def test_schema_creation_is_safe_to_repeat(url: str) -> None:
         create_schema(owner)
         create_schema(owner)
     log = PostgresAuditLog(url)
-    assert _append(log, 1)[0].sequence_number == 1
+    assert append(log, 1)[0].sequence_number == 1
     log.close()
 
 
@@ -368,3 +351,62 @@ def test_two_gateway_replicas_append_to_one_chain(
     methods = [r.method.rsplit("/", 1)[1] for r in records]
     assert methods.count("ListAuditRecords") >= 7  # 6 lists, and the verify's pages
     assert methods.count("GetAuditCheckpoint") == 1
+
+
+def test_a_retried_call_is_recorded_once(url: str) -> None:
+    log = PostgresAuditLog(url)
+    retried_call_cases(log)
+    log.close()
+
+
+def _retry_at_once(url: str, record: bytes, barrier: Any) -> str:
+    log = PostgresAuditLog(url)
+    barrier.wait()
+    stored = asyncio.run(log.append(AuditRecord.FromString(record)))
+    log.close()
+    return stored.name
+
+
+def test_attempts_racing_on_several_replicas_leave_one_record(url: str) -> None:
+    """A client that gave up on one replica while it was still answering: both
+    replicas finish the call and write at the same moment; one record results."""
+    PostgresAuditLog(url).close()
+    record = attempt("6f1c2d3e-0000-4000-8000-000000000001").SerializeToString()
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        barrier = manager.Barrier(4)
+        with context.Pool(4) as pool:
+            names = pool.starmap(_retry_at_once, [(url, record, barrier)] * 4)
+    assert len(set(names)) == 1
+    log = PostgresAuditLog(url)
+    assert [r.name for r in _all(log)] == names[:1]
+    log.close()
+
+
+def test_a_table_from_before_request_ids_is_upgraded_by_its_owner(
+    url: str, server: PostgresServer
+) -> None:
+    with psycopg.connect(url, autocommit=True) as owner:
+        owner.execute(
+            "CREATE TABLE audit_records (sequence_number BIGINT PRIMARY KEY, "
+            "record_id TEXT NOT NULL UNIQUE, create_time_us BIGINT NOT NULL, "
+            "principal TEXT NOT NULL, method TEXT NOT NULL, case_id TEXT NOT NULL, "
+            "purpose INTEGER NOT NULL, collection TEXT NOT NULL, record BYTEA NOT NULL, "
+            "record_hash BYTEA NOT NULL)"
+        )
+        first = next_record(draft(0), None)
+        owner.execute(
+            "INSERT INTO audit_records VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            index_columns(first)[:10],
+        )
+        owner.execute("CREATE ROLE old_writer LOGIN")
+        owner.execute("GRANT SELECT, INSERT ON audit_records TO old_writer")
+    # A writer role may not add the column: it is told what to run.
+    with pytest.raises(AuditSchemaError, match="facegrid audit setup-database"):
+        PostgresAuditLog(url.replace("facegrid@", "old_writer@"))
+    log = PostgresAuditLog(url)  # the owner upgrades it in place
+    retried_call_cases(log)
+    records = _all(log)
+    assert records[0] == first
+    assert verify_chain(records).intact
+    log.close()

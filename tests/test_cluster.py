@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,7 +41,7 @@ RETRIED = json.dumps(
         "healthCheckConfig": {"serviceName": ""},
         "methodConfig": [
             {
-                # Both idempotent (each attempt is audited on its own).
+                # Both idempotent (a search with a request_id is audited once).
                 "name": [
                     {"service": "facegrid.v1.FaceService", "method": "SearchFacesByImage"},
                     {"service": "facegrid.v1.FaceService", "method": "GetCollection"},
@@ -102,19 +103,26 @@ def test_every_tier_rolled_under_load_fails_no_call(cluster: Cluster) -> None:
     context = common_pb2.IdentificationContext(
         purpose=common_pb2.IdentificationContext.PURPOSE_TESTING, case_id="CLUSTER-1"
     )
-    search = F.SearchFacesByImageRequest(
-        parent="collections/cluster", image=photo, max_faces=1, context=context
-    )
     outcomes: list[str] = []
     found: list[bool] = []
+    answered: dict[str, str] = {}  # request_id -> the audit record the reply named
     stop = threading.Event()
 
     def load() -> None:
         while not stop.is_set():
+            # One request_id a search: gRPC's retries of it resend the same bytes.
+            search = F.SearchFacesByImageRequest(
+                parent="collections/cluster",
+                image=photo,
+                max_faces=1,
+                context=context,
+                request_id=str(uuid.uuid4()),
+            )
             try:
                 reply = api.SearchFacesByImage(search, metadata=md, timeout=30)
                 outcomes.append("ok")
                 found.append(bool(reply.face_matches))
+                answered[search.request_id] = reply.audit_record
                 api.GetCollection(
                     F.GetCollectionRequest(name="collections/cluster"), metadata=md, timeout=30
                 )
@@ -148,5 +156,9 @@ def test_every_tier_rolled_under_load_fails_no_call(cluster: Cluster) -> None:
     channel.close()
     assert verify_chain(records).intact
     searches = [r for r in records if r.method == SEARCH and r.context.case_id == "CLUSTER-1"]
-    assert sum(1 for r in searches if r.status_code == 0) == outcomes.count("ok")
+    # Exactly one record per successful search, the one its reply named, even where a
+    # replica died after writing it and the retry was answered by the other one.
+    recorded = {(r.request_id, r.name) for r in searches if r.status_code == 0}
+    assert recorded == set(answered.items())
+    assert len(answered) == outcomes.count("ok")
     print(f"{len(records)} audit records in one verified chain, {len(searches)} of the searches")

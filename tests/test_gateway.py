@@ -889,6 +889,49 @@ def _wait_until_reachable(api: Client, collection: str) -> None:
 # ---------------------------------------------------------------- audit
 
 
+def test_a_retried_search_is_recorded_once(
+    api: Client, faces: Path, gallery: dict[str, list[str]]
+) -> None:
+    """A search whose reply was lost is sent again with its request_id: answered the
+    same, it is on the record once; a different image under that id is a new record."""
+    image = photo(faces, "knn/test/obama1.jpg")
+    case = f"CASE-{uuid.uuid4().hex[:8]}"
+    context = common_pb2.IdentificationContext(
+        purpose=Purpose.PURPOSE_CRIMINAL_INVESTIGATION, case_id=case, justification="retry"
+    )
+    request_id = str(uuid.uuid4())
+    request = F.SearchFacesByImageRequest(
+        parent="collections/gallery", image=image, context=context, request_id=request_id
+    )
+    first = api.SearchFacesByImage(request)
+    again = api.SearchFacesByImage(request)
+    assert again.audit_record == first.audit_record
+    assert [m.face.name for m in again.face_matches] == [m.face.name for m in first.face_matches]
+    other = api.SearchFacesByImage(
+        F.SearchFacesByImageRequest(
+            parent="collections/gallery",
+            image=photo(faces, "knn/test/alex_lacamoire1.jpg"),
+            context=context,
+            request_id=request_id,
+        )
+    )
+    assert other.audit_record != first.audit_record
+    records = api.ListAuditRecords(
+        F.ListAuditRecordsRequest(filter=F.AuditRecordFilter(case_id=case))
+    ).audit_records
+    assert [r.name for r in records] == [first.audit_record, other.audit_record]
+    assert {r.request_id for r in records} == {request_id}
+    bad = rpc_error(
+        lambda: api.SearchFacesByImage(
+            F.SearchFacesByImageRequest(
+                parent="collections/gallery", image=image, context=context, request_id="nope"
+            )
+        )
+    )
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(bad) == {"request_id": "must be a UUID"}
+
+
 def test_audit_records_every_accountable_call(
     api: Client, channel: grpc.Channel, e2e_stack: Stack, faces: Path, gallery: dict[str, list[str]]
 ) -> None:

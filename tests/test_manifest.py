@@ -7,6 +7,7 @@ fake, and the chain verifier against hand-built AuditRecord messages.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -572,6 +573,33 @@ def test_unavailable_is_retried_only_where_idempotent() -> None:
     with pytest.raises(grpc.RpcError):
         client.create_collection(fs.CreateCollectionRequest(collection_id="c"))
     assert Stub.CreateCollection.calls == 1
+
+
+def test_a_search_is_retried_with_one_request_id() -> None:
+    """Identification calls get a request_id once, so that every retry carries it and
+    the gateway records the call once."""
+    sent: list[str] = []
+
+    def flaky(request: Any, metadata: Any, timeout: float) -> Any:
+        sent.append(request.request_id)
+        if len(sent) < 3:
+            raise FakeRpcError(grpc.StatusCode.UNAVAILABLE, "down")
+        return fs.SearchFacesResponse()
+
+    class Stub:
+        SearchFaces = staticmethod(flaky)
+
+    client = FaceClient(Stub(), "t", sleep=lambda _s: None)
+    request = fs.SearchFacesRequest(face="collections/c/faces/f")
+    client.search_faces(request)
+    assert len(sent) == 3
+    assert len(set(sent)) == 1
+    assert uuid.UUID(sent[0])
+    assert not request.request_id  # the caller's message is left as it was
+    given = str(uuid.uuid4())
+    sent.clear()
+    client.search_faces(fs.SearchFacesRequest(face="collections/c/faces/f", request_id=given))
+    assert set(sent) == {given}
 
 
 def test_error_lines() -> None:

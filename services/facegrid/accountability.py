@@ -5,6 +5,8 @@ The wrapper authenticates the bearer token (UNAUTHENTICATED), checks the scope
 (PERMISSION_DENIED), runs the method with an :class:`AuditDraft` to fill in, and for
 audited methods writes the record, success or failure, before anything is returned.
 If the record cannot be written the call fails with UNAVAILABLE and returns nothing.
+A request's ``request_id`` goes into its record, so that a retry answered the same as an
+earlier successful attempt is given that attempt's record instead of a second one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.rpc import error_details_pb2
 
-from facegrid import telemetry
+from facegrid import telemetry, validation
 from facegrid.audit_log import AuditLog
 from facegrid.auth import AUTHORIZATION_HEADER, BEARER_PREFIX, Credentials, Principal
 from facegrid.errors import ServiceError, internal, unavailable
@@ -170,6 +172,8 @@ class Gatekeeper:
         draft = self._draft(method_name, context)
         try:
             self._check_scope(draft, method_name, scope)
+            if audited:
+                draft.record.request_id = _request_id(request)
             response = await method(servicer, request, context, draft)
         except ServiceError as error:
             if audited:
@@ -186,6 +190,7 @@ class Gatekeeper:
             log.exception("unhandled error in %s", method_name)
             raise internal(f"internal error in {method_name}") from None
         if audited:
+            # A retry of a call already on record gets that record (see AuditLog.append).
             stored = await self._write(draft, grpc.StatusCode.OK)
             field = response.DESCRIPTOR.fields_by_name.get("audit_record")
             if field is not None and field.type == FieldDescriptor.TYPE_STRING:
@@ -198,7 +203,8 @@ class Gatekeeper:
         draft.record.status_code = int(code.value[0])
         try:
             stored = await self.audit_log.append(draft.record)
-            AUDIT_RECORDS.labels(draft.record.method, code.name).inc()
+            if stored.create_time == draft.record.create_time:  # else an earlier attempt's
+                AUDIT_RECORDS.labels(draft.record.method, code.name).inc()
             return stored
         except Exception as exc:
             log.exception("the audit record could not be written")
@@ -206,6 +212,13 @@ class Gatekeeper:
                 "the audit record could not be written; no results are returned",
                 "AUDIT_UNAVAILABLE",
             ) from exc
+
+
+def _request_id(request: Any) -> str:
+    """The request's AIP-155 request_id, canonical; empty if it has none."""
+    if "request_id" not in request.DESCRIPTOR.fields_by_name or not request.request_id:
+        return ""
+    return str(validation.request_id(request.request_id))
 
 
 def guarded(scope: str, audited: bool) -> Callable[[Method], Callable[..., Awaitable[Any]]]:

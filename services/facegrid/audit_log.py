@@ -60,6 +60,29 @@ BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 """
 
 
+# Added after the first release: a log made before gets the column when opened.
+_REQUEST_ID_COLUMN = "ALTER TABLE audit_records ADD COLUMN request_id TEXT NOT NULL DEFAULT ''"
+_REQUEST_ID_INDEX = (
+    "CREATE INDEX IF NOT EXISTS audit_by_request ON audit_records (request_id) "
+    "WHERE request_id <> ''"
+)
+# The columns of a row, in index_columns' order.
+COLUMNS = (
+    "sequence_number, record_id, create_time_us, principal, method, case_id, purpose, "
+    "collection, record, record_hash, request_id"
+)
+# What differs between two records of the same call made twice.
+_PER_ATTEMPT_FIELDS = (
+    "name",
+    "sequence_number",
+    "create_time",
+    "trace_id",
+    "client_address",
+    "previous_record_hash",
+    "record_hash",
+)
+
+
 class AuditChainError(RuntimeError):
     """The stored chain does not verify: a record was altered or removed."""
 
@@ -75,7 +98,8 @@ class AuditLog(Protocol):
     """What the services need of an audit log, whichever database holds it."""
 
     async def append(self, record: AuditRecord) -> AuditRecord:
-        """Chain, hash and durably store a record; return it as stored."""
+        """Chain, hash and durably store a record; return it as stored. A retry of a
+        successful call (see :func:`earlier_attempt`) returns the earlier record."""
         ...
 
     async def get(self, record_id: str) -> AuditRecord | None: ...
@@ -126,6 +150,33 @@ def next_record(draft: AuditRecord, last: Sequence[object] | None) -> AuditRecor
     return record
 
 
+def insert_statement(table: str, placeholder: str) -> str:
+    values = ", ".join([placeholder] * len(COLUMNS.split(",")))
+    return f"INSERT INTO {table} ({COLUMNS}) VALUES ({values})"
+
+
+def earlier_attempt(draft: AuditRecord, blobs: Iterable[object]) -> AuditRecord | None:
+    """Among the stored records with the draft's request_id, one that this successful
+    draft repeats: the same call made again (its reply lost, say) and answered the
+    same; None when there is none and the draft must be stored."""
+    if not draft.request_id or draft.status_code != 0:
+        return None
+    wanted = _without_attempt_fields(draft)
+    for blob in blobs:
+        stored = AuditRecord.FromString(bytes(blob))  # type: ignore[call-overload]
+        if _without_attempt_fields(stored) == wanted:
+            return stored
+    return None
+
+
+def _without_attempt_fields(record: AuditRecord) -> AuditRecord:
+    copy = AuditRecord()
+    copy.CopyFrom(record)
+    for name in _PER_ATTEMPT_FIELDS:
+        copy.ClearField(name)
+    return copy
+
+
 def index_columns(record: AuditRecord) -> tuple[object, ...]:
     """The row both databases store for a record: indexed columns, record, hash."""
     return (
@@ -139,6 +190,7 @@ def index_columns(record: AuditRecord) -> tuple[object, ...]:
         record.collection,
         record.SerializeToString(deterministic=True),
         record.record_hash,
+        record.request_id,
     )
 
 
@@ -195,6 +247,10 @@ class SqliteAuditLog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(audit_records)")}
+        if "request_id" not in columns:
+            self._db.execute(_REQUEST_ID_COLUMN)
+        self._db.execute(_REQUEST_ID_INDEX)
         self._thread_lock = threading.Lock()
         self._append_lock = asyncio.Lock()
         check_tail(
@@ -213,15 +269,28 @@ class SqliteAuditLog:
         with self._thread_lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                earlier = earlier_attempt(
+                    draft,
+                    (
+                        row[0]
+                        for row in self._db.execute(
+                            "SELECT record FROM audit_records WHERE request_id = ? "
+                            "ORDER BY sequence_number",
+                            (draft.request_id,),
+                        )
+                    )
+                    if draft.request_id
+                    else (),
+                )
+                if earlier is not None:
+                    self._db.execute("ROLLBACK")
+                    return earlier
                 last = self._db.execute(
                     "SELECT sequence_number, record_hash FROM audit_records "
                     "ORDER BY sequence_number DESC LIMIT 1"
                 ).fetchone()
                 record = next_record(draft, last)
-                self._db.execute(
-                    "INSERT INTO audit_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    index_columns(record),
-                )
+                self._db.execute(insert_statement("audit_records", "?"), index_columns(record))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -261,7 +330,9 @@ class SqliteAuditLog:
         """Every stored row in log order, as stored (what a migration copies)."""
         with self._thread_lock:
             return list(
-                self._db.execute("SELECT * FROM audit_records ORDER BY sequence_number").fetchall()
+                self._db.execute(
+                    f"SELECT {COLUMNS} FROM audit_records ORDER BY sequence_number"
+                ).fetchall()
             )
 
     def close(self) -> None:

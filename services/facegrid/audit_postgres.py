@@ -38,8 +38,10 @@ from facegrid.audit_log import (
     AuditRecordFilter,
     Page,
     check_tail,
+    earlier_attempt,
     filter_clauses,
     index_columns,
+    insert_statement,
     next_record,
     page_of,
 )
@@ -68,6 +70,8 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 );
 CREATE INDEX IF NOT EXISTS audit_by_case ON {TABLE} (case_id, sequence_number);
 CREATE INDEX IF NOT EXISTS audit_by_principal ON {TABLE} (principal, sequence_number);
+ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS request_id TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS audit_by_request ON {TABLE} (request_id) WHERE request_id <> '';
 CREATE OR REPLACE FUNCTION facegrid_audit_refuse_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -82,6 +86,10 @@ CREATE OR REPLACE TRIGGER audit_records_no_truncate BEFORE TRUNCATE ON {TABLE}
 """
 
 T = TypeVar("T")
+
+
+class AuditSchemaError(RuntimeError):
+    """The table is older than this code and this role may not upgrade it."""
 
 
 class AuditMigrationError(RuntimeError):
@@ -120,6 +128,16 @@ def table_exists(connection: psycopg.Connection[tuple[object, ...]]) -> bool:
     return bool(row and row[0])
 
 
+def schema_is_current(connection: psycopg.Connection[tuple[object, ...]]) -> bool:
+    """Whether the table has every column (request_id came after the first release)."""
+    row = connection.execute(
+        "SELECT count(*) FROM information_schema.columns "
+        "WHERE table_name = %s AND column_name = 'request_id'",
+        (TABLE,),
+    ).fetchone()
+    return bool(row and row[0])
+
+
 class PostgresAuditLog:
     """The audit log in a PostgreSQL table; appends serialised by an advisory lock."""
 
@@ -129,8 +147,14 @@ class PostgresAuditLog:
         self._append_lock = asyncio.Lock()
         self._connection: psycopg.Connection[tuple[object, ...]] | None = None
         connection = self._connect()
-        if not table_exists(connection):
-            create_schema(connection)
+        if not table_exists(connection) or not schema_is_current(connection):
+            try:
+                create_schema(connection)
+            except psycopg.errors.InsufficientPrivilege as error:
+                raise AuditSchemaError(
+                    f"the audit table {TABLE} needs an upgrade this role may not make: run "
+                    "'facegrid audit setup-database' as its owner"
+                ) from error
         check_tail(
             connection.execute(
                 f"SELECT sequence_number, record, record_hash FROM {TABLE} "
@@ -195,15 +219,20 @@ class PostgresAuditLog:
 def _append(connection: psycopg.Connection[tuple[object, ...]], draft: AuditRecord) -> AuditRecord:
     with connection.transaction():
         connection.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK_KEY,))
+        if draft.request_id:
+            rows = connection.execute(
+                f"SELECT record FROM {TABLE} WHERE request_id = %s ORDER BY sequence_number",
+                (draft.request_id,),
+            ).fetchall()
+            earlier = earlier_attempt(draft, (row[0] for row in rows))
+            if earlier is not None:
+                return earlier
         last = connection.execute(
             f"SELECT sequence_number, record_hash FROM {TABLE} "
             "ORDER BY sequence_number DESC LIMIT 1"
         ).fetchone()
         record = next_record(draft, last)
-        connection.execute(
-            f"INSERT INTO {TABLE} VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            index_columns(record),
-        )
+        connection.execute(insert_statement(TABLE, "%s"), index_columns(record))
     return record
 
 
@@ -232,7 +261,6 @@ def migrate(rows: Iterable[Sequence[object]], url: str) -> int:
                 )
             with connection.cursor() as cursor:
                 cursor.executemany(
-                    f"INSERT INTO {TABLE} VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [index_columns(record) for record in records],
+                    insert_statement(TABLE, "%s"), [index_columns(record) for record in records]
                 )
     return len(records)

@@ -5,7 +5,8 @@ Python), so 100,000 faces cost 45-125 ms a query. This cache keeps the embedding
 one contiguous float32 matrix and the filterable fields in parallel arrays, and answers
 with one matrix product: exact, with or without filters. Milvus stays the system of
 record: every write goes to Milvus first and is applied here only once Milvus has
-acknowledged it, and the cache is rebuilt from Milvus at start-up.
+acknowledged it, and the cache is rebuilt from Milvus at start-up (or read from the
+snapshot a clean stop wrote, once checked against Milvus: snapshot.py).
 
 Rows are kept dense: a delete moves the last row into the hole.
 """
@@ -55,8 +56,30 @@ class FaceCache:
         self._codes = _Codes()
         self._sorted_ids: list[str] | None = None
 
+    @classmethod
+    def of(cls, dimension: int, rows: Sequence[FaceRow], vectors: Vectors) -> FaceCache:
+        """A cache holding exactly these rows (unique ids), built in bulk."""
+        cache = cls(dimension, capacity=max(len(rows), 1))
+        cache._rows = list(rows)
+        cache._index = {row.face_id: i for i, row in enumerate(cache._rows)}
+        if len(cache._index) != len(cache._rows):
+            raise ValueError("duplicate face ids")
+        count = len(rows)
+        cache._vectors[:count] = vectors
+        code = cache._codes.code
+        cache._subject[:count] = [code(row.subject_id) for row in rows]
+        cache._source[:count] = [code(row.source_id) for row in rows]
+        cache._external[:count] = [code(row.external_image_id) for row in rows]
+        cache._image[:count] = [code(row.image_id) for row in rows]
+        cache._time[:count] = [row.create_time_us for row in rows]
+        return cache
+
     def __len__(self) -> int:
         return len(self._rows)
+
+    def contents(self) -> tuple[list[FaceRow], Vectors]:
+        """Every row and its vector, in storage order (views: do not modify)."""
+        return self._rows, self._vectors[: len(self._rows)]
 
     def __contains__(self, face_id: object) -> bool:
         return face_id in self._index

@@ -15,14 +15,17 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from facegrid.config import SearchCache, StoreSettings
 from facegrid.errors import already_exists, failed_precondition, not_found
 from facegrid.metrics import GALLERY_FACES
 from facegrid.names import FaceName, SubjectName, collection_name
 from facegrid.similarity import Calibration
 
+from facegrid_search import snapshot
 from facegrid_search.cache import FaceCache
 from facegrid_search.convert import calibration_of
 from facegrid_search.records import (
@@ -42,6 +45,8 @@ T = TypeVar("T")
 SERVER_GROUP_CANDIDATES = 16_384
 # How often gallery sizes are counted for Prometheus when Milvus must be asked.
 GAUGE_REFRESH_S = 30.0
+# Rows of a snapshot compared with Milvus, field by field and vector by vector, at start.
+SNAPSHOT_SAMPLE = 256
 
 
 @dataclass
@@ -63,6 +68,12 @@ class SearchCore:
         self._collections: dict[str, Collection] = {}
         self._registry_lock = asyncio.Lock()
         self._gauge_task: asyncio.Task[None] | None = None
+        # Where the index is snapshot on shutdown: beside a Milvus Lite database only,
+        # whose directory lock makes this process its one writer.
+        self._snapshot_of: Path | None = None
+        # A face write that raised (or was cancelled) may have reached Milvus without
+        # reaching the index: then no snapshot is written.
+        self._write_failed = False
 
     @property
     def cached(self) -> bool:
@@ -78,11 +89,23 @@ class SearchCore:
         return await loop.run_in_executor(self._executor, call, *args)
 
     async def open(self) -> None:
-        """Connect to Milvus and, when caching, rebuild every collection's cache from it."""
+        """Connect to Milvus and, when caching, load every collection's cache: from the
+        snapshot of the last clean stop where it still matches Milvus, else from Milvus."""
         is_lite = MilvusStore.is_lite_uri(self.settings.uri)
+        saved: dict[str, FaceCache] = {}
+        if is_lite and self._cached(is_lite):
+            database = Path(self.settings.uri)
+            if self.settings.index_snapshot:
+                self._snapshot_of = database
+                # Read (and consume) it before Milvus Lite opens and touches the directory.
+                saved = await self._milvus(snapshot.take, database)
+            else:  # one left from before would go stale (and keep erased faces): delete it
+                await self._milvus(snapshot.discard, database)
         self.store = await self._milvus(MilvusStore, self.settings, not self._cached(is_lite))
         for spec in await self._milvus(self.store.list_specs):
-            self._collections[spec.collection_id] = await self._load(spec)
+            self._collections[spec.collection_id] = await self._load(
+                spec, saved.pop(spec.collection_id, None)
+            )
             self._observe(self._collections[spec.collection_id])
         if not self.cached:
             self._gauge_task = asyncio.create_task(self._refresh_gauges())
@@ -103,10 +126,21 @@ class SearchCore:
                 log.warning("could not count the gallery sizes", exc_info=True)
             await asyncio.sleep(GAUGE_REFRESH_S)
 
-    async def _load(self, spec: CollectionSpec) -> Collection:
+    async def _write(self, call: Callable[..., T], *args: object) -> T:
+        """A Milvus write the index will mirror once it is acknowledged."""
+        try:
+            return await self._milvus(call, *args)
+        except BaseException:
+            self._write_failed = True
+            raise
+
+    async def _load(self, spec: CollectionSpec, saved: FaceCache | None = None) -> Collection:
         await self._milvus(self._store().load, spec.collection_id)
         cache = None
-        if self.cached:
+        if saved is not None and await self._milvus(self._holds_exactly, spec, saved):
+            cache = saved
+            log.info("restored %d faces of %s from the snapshot", len(cache), spec.collection_id)
+        elif self.cached:
             assert self.store is not None
             cache = FaceCache(spec.dimension)
             batches = await self._milvus(
@@ -117,12 +151,61 @@ class SearchCore:
             log.info("cached %d faces of %s", len(cache), spec.collection_id)
         return Collection(spec, cache, asyncio.Lock())
 
+    def _holds_exactly(self, spec: CollectionSpec, saved: FaceCache) -> bool:
+        """Whether Milvus holds what the snapshot does: as many faces, and a sample of
+        them identical (the directory fingerprint already says nothing was written)."""
+        store = self._store()
+        faces = store.count_faces(spec.collection_id)
+        rows, vectors = saved.contents()
+        if faces != len(rows) or saved.dimension != spec.dimension:
+            log.warning(
+                "the snapshot of %s holds %d faces, Milvus %d: rebuilding it",
+                spec.collection_id, len(rows), faces,
+            )  # fmt: skip
+            return False
+        if not rows:
+            return True
+        positions = np.unique(np.linspace(0, len(rows) - 1, SNAPSHOT_SAMPLE).astype(int))
+        found = store.get_faces(
+            spec.collection_id, [rows[p].face_id for p in positions], with_vectors=True
+        )
+        for position in positions:
+            row, vector = found.get(rows[position].face_id, (None, None))
+            if (
+                row != rows[position]
+                or vector is None
+                or not np.array_equal(vector, vectors[position])
+            ):
+                log.warning(
+                    "face %s of %s differs between the snapshot and Milvus: rebuilding it",
+                    rows[position].face_id, spec.collection_id,
+                )  # fmt: skip
+                return False
+        return True
+
     async def close(self) -> None:
         if self._gauge_task is not None:
             self._gauge_task.cancel()
         if self.store is not None:
             await self._milvus(self.store.close)
-        self._executor.shutdown(wait=True)
+        try:
+            await self._milvus(self._write_snapshot)
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def _write_snapshot(self) -> None:
+        caches = {
+            c.spec.collection_id: c.cache for c in self._collections.values() if c.cache is not None
+        }
+        if self._snapshot_of is None or not caches or self.store is None:
+            return
+        if self._write_failed:
+            log.warning("a Milvus write failed during this run: no index snapshot written")
+            return
+        try:
+            snapshot.write(self._snapshot_of, caches)
+        except OSError:
+            log.exception("could not write the index snapshot; the next start rebuilds it")
 
     def _store(self) -> MilvusStore:
         assert self.store is not None
@@ -224,7 +307,7 @@ class SearchCore:
             subjects = {row.subject_id for row in rows if row.subject_id}
             for subject_id in sorted(subjects):
                 await self.subject(collection, subject_id)
-            await self._milvus(
+            await self._write(
                 self._store().upsert_faces, collection.spec.collection_id, rows, vectors
             )
             if collection.cache is not None:
@@ -238,7 +321,7 @@ class SearchCore:
     async def _delete_faces_locked(self, collection: Collection, face_ids: list[str]) -> None:
         if not face_ids:
             return
-        await self._milvus(self._store().delete_faces, collection.spec.collection_id, face_ids)
+        await self._write(self._store().delete_faces, collection.spec.collection_id, face_ids)
         if collection.cache is not None:
             collection.cache.delete(face_ids)
         self._observe(collection)
@@ -383,7 +466,7 @@ class SearchCore:
                 if not associate and current == subject_id:
                     to_change.append(face.face_id)
             target = subject_id if associate else ""
-            await self._milvus(
+            await self._write(
                 self._store().set_subject, collection.spec.collection_id, to_change, target
             )
             if collection.cache is not None:

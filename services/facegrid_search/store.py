@@ -83,6 +83,12 @@ class MilvusStore:
 
     def close(self) -> None:
         self.client.close()
+        if self.is_lite:
+            # pymilvus leaves Milvus Lite open until the process exits; close it now, so
+            # that the database is flushed and unlocked when this returns.
+            from milvus_lite.server_manager import server_manager_instance  # type: ignore[import-untyped]
+
+            server_manager_instance.release_server(self.settings.uri)
 
     # ---------------------------------------------------------------- registry
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -128,8 +129,10 @@ class FaceClient(ServiceClient):
     """FaceService calls with the caller's token and a deadline on every one.
 
     ``stub`` is a ``FaceServiceStub`` or anything with the same methods (tests pass an
-    in-memory fake). Identification and mutating calls are never retried: a retry
-    would write a second audit record or act twice.
+    in-memory fake). Identification calls are sent with a ``request_id`` (a new one
+    unless the request has one) and retried: the gateway records a retry answered the
+    same as its first attempt once. Other mutating calls are retried only when
+    idempotent (IndexFaces with a request_id, deletes with allow_missing).
     """
 
     stub_class = face_service_pb2_grpc.FaceServiceStub
@@ -139,7 +142,7 @@ class FaceClient(ServiceClient):
         return self._call("DetectFaces", request, fs.DetectFacesResponse, True)
 
     def compare_faces(self, request: fs.CompareFacesRequest) -> fs.CompareFacesResponse:
-        return self._call("CompareFaces", request, fs.CompareFacesResponse, False)
+        return self._call("CompareFaces", with_request_id(request), fs.CompareFacesResponse, True)
 
     # -- collections ---------------------------------------------------------------
     def create_collection(self, request: fs.CreateCollectionRequest) -> fs.CreateCollectionResponse:
@@ -176,12 +179,14 @@ class FaceClient(ServiceClient):
         )
 
     def search_faces(self, request: fs.SearchFacesRequest) -> fs.SearchFacesResponse:
-        return self._call("SearchFaces", request, fs.SearchFacesResponse, False)
+        return self._call("SearchFaces", with_request_id(request), fs.SearchFacesResponse, True)
 
     def search_faces_by_image(
         self, request: fs.SearchFacesByImageRequest
     ) -> fs.SearchFacesByImageResponse:
-        return self._call("SearchFacesByImage", request, fs.SearchFacesByImageResponse, False)
+        return self._call(
+            "SearchFacesByImage", with_request_id(request), fs.SearchFacesByImageResponse, True
+        )
 
     # -- subjects ------------------------------------------------------------------
     def create_subject(self, request: fs.CreateSubjectRequest) -> fs.CreateSubjectResponse:
@@ -199,7 +204,12 @@ class FaceClient(ServiceClient):
     def search_subjects_by_image(
         self, request: fs.SearchSubjectsByImageRequest
     ) -> fs.SearchSubjectsByImageResponse:
-        return self._call("SearchSubjectsByImage", request, fs.SearchSubjectsByImageResponse, False)
+        return self._call(
+            "SearchSubjectsByImage",
+            with_request_id(request),
+            fs.SearchSubjectsByImageResponse,
+            True,
+        )
 
     # -- audit -----------------------------------------------------------------------
     def list_audit_records(
@@ -214,6 +224,19 @@ class FaceClient(ServiceClient):
             fs.GetAuditCheckpointResponse,
             True,
         )
+
+
+M = TypeVar("M", bound=Message)
+
+
+def with_request_id(request: M) -> M:
+    """The request with a request_id: its own, or a copy with a new one."""
+    if request.request_id:  # type: ignore[attr-defined]
+        return request
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.request_id = str(uuid.uuid4())  # type: ignore[attr-defined]
+    return copy
 
 
 def status_code(error: grpc.RpcError) -> grpc.StatusCode | None:
