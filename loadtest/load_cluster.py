@@ -2,7 +2,7 @@
 tier is restarted one replica at a time with SIGTERM and then one replica of each tier
 is killed with SIGKILL. Run by hand (`make load-cluster`); figures in README.
 
-    .venv/bin/python loadtest/load_cluster.py --users 4 --rate 0.5 --seconds 200
+    .venv/bin/python loadtest/load_cluster.py --users 16 --rate 0.125 --seconds 200
 
 1. A real Milvus 2.3 server (`.venv-milvus`) and the cluster of tests/cluster.py: two
    replicas of detection, embedding, search, gateway and ingest behind DNS names, one
@@ -267,8 +267,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--users", type=int, default=4)
-    parser.add_argument("--rate", type=float, default=0.5, help="calls/s per user")
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--rate", type=float, default=0.125, help="calls/s per user")
     parser.add_argument("--seconds", type=int, default=200)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

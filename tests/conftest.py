@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 from facegrid.auth import ALL_SCOPES, bearer_metadata, create_token
 from facegrid.launcher import FACE_SERVICES, ServiceGroup, wait_healthy
@@ -101,9 +102,14 @@ class ServiceProcess:
 
 
 def start_service(
-    name: str, overrides: list[str], work_dir: Path, timeout_s: float = 120.0
+    name: str,
+    overrides: list[str],
+    work_dir: Path,
+    timeout_s: float = 120.0,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> ServiceProcess:
-    """Run ``facegrid serve NAME`` as its own process and wait until it is healthy."""
+    """Run ``facegrid serve NAME`` as its own process and wait until it is healthy
+    (asking over TLS with ``credentials`` when it serves TLS)."""
     port, metrics_port = free_ports(2)
     log_path = work_dir / f"{name}-{port}.log"
     command = [sys.executable, "-m", "facegrid.cli", "serve", name, "--port", str(port)]
@@ -114,7 +120,7 @@ def start_service(
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     service = ServiceProcess(name, f"127.0.0.1:{port}", process, log_path)
     try:
-        wait_healthy(service.address, timeout_s, process)
+        wait_healthy(service.address, timeout_s, process, credentials)
     except BaseException:
         service.stop()
         raise RuntimeError(f"{name} did not start:\n{service.log()}") from None

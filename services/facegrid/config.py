@@ -14,7 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -405,6 +405,13 @@ class IngestSettings(Section):
 
 class ServerSettings(Section):
     host: str = Field("127.0.0.1", description="Address the gRPC servers bind to.")
+    health_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="A port serving only grpc.health.v1, in plaintext, for Kubernetes' "
+        "gRPC probes (which cannot speak TLS); 0: none (health is on the service's port).",
+    )
     grace_period_s: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
     )
@@ -449,6 +456,43 @@ class ServerSettings(Section):
     )
 
 
+class TlsSettings(Section):
+    cert_file: str = Field(
+        "",
+        description="PEM certificate chain the gRPC server presents (TLS); re-read when the "
+        "file changes. Empty: plaintext, allowed on a loopback server.host only.",
+    )
+    key_file: str = Field("", description="PEM private key of tls.cert_file.")
+    client_ca_file: str = Field(
+        "",
+        description="PEM CA bundle: when set, callers must present a certificate it issued "
+        "(mutual TLS; set it on the internal services, not on the gateway's public port).",
+    )
+    ca_file: str = Field(
+        "",
+        description="PEM CA bundle the servers this process calls must chain to (the "
+        "gateway's and ingest's internal calls, the facegrid client). Empty: plaintext.",
+    )
+    client_cert_file: str = Field(
+        "",
+        description="PEM certificate chain presented to the servers this process calls "
+        "(mutual TLS); read when a channel is made.",
+    )
+    client_key_file: str = Field("", description="PEM private key of tls.client_cert_file.")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TlsSettings:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        if bool(self.client_cert_file) != bool(self.client_key_file):
+            raise ValueError("tls.client_cert_file and tls.client_key_file go together")
+        if self.client_ca_file and not self.cert_file:
+            raise ValueError("tls.client_ca_file needs tls.cert_file and tls.key_file")
+        if self.client_cert_file and not self.ca_file:
+            raise ValueError("tls.client_cert_file needs tls.ca_file")
+        return self
+
+
 class Settings(BaseSettings):
     """All of facegrid's settings. Nested sections map to ``FACEGRID_<SECTION>__<FIELD>``."""
 
@@ -457,6 +501,7 @@ class Settings(BaseSettings):
     )
 
     server: ServerSettings = ServerSettings()
+    tls: TlsSettings = TlsSettings()
     inference: InferenceSettings = InferenceSettings()
     images: ImageLimits = ImageLimits()
     detection: DetectionSettings = DetectionSettings()

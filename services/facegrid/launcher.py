@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from facegrid import tls
 from facegrid.config import Settings, load_settings
 from facegrid.logs import configure_logging
 from facegrid.metrics import serve_metrics
@@ -78,11 +79,19 @@ def _not_milvus_lite_probe(record: logging.LogRecord) -> bool:
 
 
 def wait_healthy(
-    address: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None
+    address: str,
+    timeout_s: float,
+    process: subprocess.Popen[bytes] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> None:
     """Block until the gRPC health service at ``address`` says SERVING."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    channel = (
+        grpc.insecure_channel(address)
+        if credentials is None
+        else grpc.secure_channel(address, credentials)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
@@ -189,7 +198,9 @@ class ServiceGroup:
         address = f"{host or self.settings.server.host}:{port}"
         service = RunningService(key, name, address, metrics_port, process, own)
         self.services[key] = service
-        wait_healthy(service.address, HEALTH_TIMEOUT_S, process)
+        # Over TLS when the configuration calls its services so (tls.ca_file).
+        credentials = tls.channel_credentials(self.settings.tls)
+        wait_healthy(service.address, HEALTH_TIMEOUT_S, process, credentials)
         return service
 
     def _target(self, kind: str) -> str:

@@ -25,7 +25,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from facegrid.config import ServerSettings
+from facegrid import tls
+from facegrid.config import ServerSettings, TlsSettings
 from facegrid.errors import ServiceError, internal
 from facegrid.logs import log_rpc
 from facegrid.metrics import RPC_ERRORS, RPC_LATENCY, RPC_REQUESTS
@@ -264,6 +265,7 @@ class FacegridServer:
         settings: ServerSettings,
         port: int,
         max_concurrent_rpcs: int,
+        tls_settings: TlsSettings,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -281,9 +283,23 @@ class FacegridServer:
         reflection.enable_server_reflection(
             [*self._names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        self.port = self.server.add_insecure_port(f"{settings.host}:{port}")
+        credentials = tls.server_credentials(tls_settings)
+        if credentials is None:
+            tls.check_plaintext_allowed(name, settings.host)
+            self.port = self.server.add_insecure_port(f"{settings.host}:{port}")
+        else:
+            self.port = self.server.add_secure_port(f"{settings.host}:{port}", credentials)
+        self.tls = credentials is not None
         if self.port == 0:
             raise RuntimeError(f"{name}: cannot bind {settings.host}:{port}")
+        # Kubernetes' gRPC probes speak plaintext only: health (and nothing else) can be
+        # served on a port of its own, without TLS; it tells only SERVING or not.
+        self._health_server: grpc.aio.Server | None = None
+        if settings.health_port:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            if not self._health_server.add_insecure_port(f"{settings.host}:{settings.health_port}"):
+                raise RuntimeError(f"{name}: cannot bind {settings.host}:{settings.health_port}")
         self._stopped = asyncio.Event()
 
     @property
@@ -292,8 +308,11 @@ class FacegridServer:
 
     async def start(self) -> None:
         await self.server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         await self._set_status(health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s listening on %s", self.name, self.address)
+        transport = "TLS" if self.tls else "plaintext"
+        log.info("%s listening on %s (%s)", self.name, self.address, transport)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking calls (NOT_SERVING), let in-flight calls finish, then stop."""
@@ -305,6 +324,8 @@ class FacegridServer:
         await asyncio.sleep(self.settings.drain_s)
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         await self.server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         log.info("%s stopped", self.name)
 
     async def wait(self) -> None:

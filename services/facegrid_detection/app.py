@@ -165,6 +165,7 @@ async def serve(settings: Settings) -> None:
         settings.server,
         settings.detection.port,
         settings.detection.max_concurrent_rpcs,
+        settings.tls,
     )
 
     async def on_stop() -> None:

@@ -170,6 +170,7 @@ async def serve(settings: Settings) -> None:
         settings.server,
         settings.embedding.port,
         settings.embedding.max_concurrent_rpcs,
+        settings.tls,
     )
 
     async def on_stop() -> None:

@@ -740,6 +740,7 @@ async def serve(settings: Settings) -> None:
         search_address=gateway.search_address,
         timeout_s=gateway.downstream_timeout_s,
         max_message_bytes=settings.server.max_message_bytes,
+        tls_settings=settings.tls,
         channel_options=keepalive_ping_options(settings.server),
     )
     pipeline = FacePipeline(downstream, QualityPolicy(gateway))
@@ -758,6 +759,7 @@ async def serve(settings: Settings) -> None:
         settings.server,
         gateway.port,
         gateway.max_concurrent_rpcs,
+        settings.tls,
     )
 
     async def on_stop() -> None:

@@ -648,6 +648,7 @@ async def serve(settings: Settings) -> None:
         search_address=ingest.search_address,
         timeout_s=ingest.downstream_timeout_s,
         max_message_bytes=settings.server.max_message_bytes,
+        tls_settings=settings.tls,
         channel_options=keepalive_ping_options(settings.server),
     )
     identifier = Identifier(
@@ -697,6 +698,7 @@ async def serve(settings: Settings) -> None:
         settings.server,
         ingest.port,
         ingest.max_concurrent_rpcs,
+        settings.tls,
     )
     await replica.start()
     log.info("ingest replica %s", replica_id)

@@ -439,5 +439,6 @@ async def serve(settings: Settings) -> None:
         settings.server,
         settings.search.port,
         settings.search.max_concurrent_rpcs,
+        settings.tls,
     )
     await run_until_stopped(server, core.close)

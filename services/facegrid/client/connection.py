@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from facegrid import tls
 from facegrid.auth import bearer_metadata
 from facegrid.v1 import face_service_pb2 as fs
 from facegrid.v1 import face_service_pb2_grpc
@@ -72,7 +73,10 @@ def open_channel(address: str) -> grpc.Channel:
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
-    return grpc.insecure_channel(address, options=options)
+    from facegrid.config import load_settings
+
+    # TLS as configured (tls.ca_file, tls.client_cert_file): read at call time, as above.
+    return tls.channel(address, load_settings().tls, options)
 
 
 Client = TypeVar("Client", bound="ServiceClient")

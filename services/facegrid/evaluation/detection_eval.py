@@ -24,6 +24,8 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
+from facegrid import tls
+from facegrid.config import load_settings
 from facegrid.evaluation import crowds
 from facegrid.evaluation.faces import DEADLINE_S, service_addresses
 from facegrid.v1 import detection_pb2, detection_pb2_grpc
@@ -74,9 +76,8 @@ def measure(
 ) -> list[dict[str, Any]]:
     """One row per (set, size): the scores, as plain values."""
     rows = []
-    with grpc.insecure_channel(
-        address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
-    ) as channel:
+    options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    with tls.channel(address, load_settings().tls, options) as channel:
         stub = detection_pb2_grpc.DetectionServiceStub(channel)
         for name, photos in sets.items():
             for size in sizes:

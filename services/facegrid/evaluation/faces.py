@@ -31,7 +31,8 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from facegrid import launcher
+from facegrid import launcher, tls
+from facegrid.config import load_settings
 from facegrid.evaluation.labels import IGNORE, LabelError, LabelledPhoto, LabelSet, Role
 from facegrid.v1 import (
     common_pb2,
@@ -151,9 +152,10 @@ class FaceClient:
         self.detection_address = detection
         self.embedding_address = embedding
         self._deadline_s = deadline_s
+        tls_settings = load_settings().tls  # the internal services may want mutual TLS
         self._channels = [
-            grpc.insecure_channel(detection, options=_CHANNEL_OPTIONS),
-            grpc.insecure_channel(embedding, options=_CHANNEL_OPTIONS),
+            tls.channel(detection, tls_settings, _CHANNEL_OPTIONS),
+            tls.channel(embedding, tls_settings, _CHANNEL_OPTIONS),
         ]
         self._detect = detection_pb2_grpc.DetectionServiceStub(self._channels[0])
         self._embed = embedding_pb2_grpc.EmbeddingServiceStub(self._channels[1])

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import grpc
 
+from facegrid import tls
+from facegrid.config import TlsSettings
 from facegrid.errors import relay, unavailable
 from facegrid.identification.deadline import Deadline
 from facegrid.telemetry import grpc_client_interceptors
@@ -74,6 +76,7 @@ class Downstream:
         search_address: str,
         timeout_s: float,
         max_message_bytes: int,
+        tls_settings: TlsSettings,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._timeout_s = timeout_s
@@ -110,10 +113,11 @@ class Downstream:
             "search": search_address,
         }
         self._channels = [
-            grpc.aio.insecure_channel(
+            tls.aio_channel(
                 addresses[name],
-                interceptors=grpc_client_interceptors(),
-                options=[*options, ("grpc.service_config", _service_config(retried[name]))],
+                tls_settings,
+                [*options, ("grpc.service_config", _service_config(retried[name]))],
+                grpc_client_interceptors(),
             )
             for name in ("detection", "embedding", "search")
         ]

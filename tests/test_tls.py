@@ -1,0 +1,310 @@
+"""TLS on every hop, with test certificate authorities (trustme): internal services
+require a client certificate from their CA, the gateway serves TLS to callers and calls
+the internal services with its own certificate, a rotated certificate is served without
+a restart, and plaintext is refused anywhere but on a loopback address."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+import trustme
+from conftest import SHARED_DATA, inference_overrides, start_service
+from cryptography import x509
+from facegrid import tls
+from facegrid.auth import ALL_SCOPES, bearer_metadata, create_token
+from facegrid.launcher import FACE_SERVICES, ServiceGroup
+from facegrid.v1 import (
+    common_pb2,
+    face_service_pb2,
+    face_service_pb2_grpc,
+    resources_pb2,
+    search_pb2,
+    search_pb2_grpc,
+)
+from grpc_helpers import rpc_error
+
+F = face_service_pb2
+PHOTO = SHARED_DATA / "faces" / "misc" / "lin-manuel-miranda.png"
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Pem:
+    """A certificate chain and its key, as files."""
+
+    cert: Path
+    key: Path
+
+    def credentials(self, ca: Path) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            ca.read_bytes(), self.key.read_bytes(), self.cert.read_bytes()
+        )
+
+
+def _write(leaf: trustme.LeafCert, folder: Path, name: str) -> Pem:
+    pem = Pem(folder / f"{name}.crt", folder / f"{name}.key")
+    leaf.private_key_pem.write_to_path(str(pem.key))
+    leaf.cert_chain_pems[0].write_to_path(str(pem.cert))
+    for extra in leaf.cert_chain_pems[1:]:
+        extra.write_to_path(str(pem.cert), append=True)
+    return pem
+
+
+@dataclass
+class Pki:
+    folder: Path
+    ca: trustme.CA
+    ca_file: Path
+    server: Pem
+    client: Pem
+    other_ca_file: Path
+    other_client: Pem  # issued by another CA
+    expired_client: Pem
+
+    def server_settings(self, mutual: bool = True) -> list[str]:
+        settings = [f"tls.cert_file={self.server.cert}", f"tls.key_file={self.server.key}"]
+        return [*settings, f"tls.client_ca_file={self.ca_file}"] if mutual else settings
+
+    def client_settings(self) -> list[str]:
+        return [
+            f"tls.ca_file={self.ca_file}",
+            f"tls.client_cert_file={self.client.cert}",
+            f"tls.client_key_file={self.client.key}",
+        ]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    folder = tmp_path_factory.mktemp("pki")
+    ca, other = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    other.cert_pem.write_to_path(str(folder / "other-ca.pem"))
+    past = datetime.now(UTC) - timedelta(days=2)
+    return Pki(
+        folder,
+        ca,
+        folder / "ca.pem",
+        _write(ca.issue_cert(HOST, "localhost"), folder, "server"),
+        _write(ca.issue_cert("gateway.facegrid.test"), folder, "client"),
+        folder / "other-ca.pem",
+        _write(other.issue_cert("intruder"), folder, "other-client"),
+        _write(
+            ca.issue_cert("late", not_before=past, not_after=past + timedelta(days=1)),
+            folder,
+            "expired-client",
+        ),
+    )
+
+
+def _list_collections(address: str, credentials: grpc.ChannelCredentials | None) -> None:
+    channel = (
+        grpc.insecure_channel(address)
+        if credentials is None
+        else grpc.secure_channel(address, credentials)
+    )
+    with channel:
+        search_pb2_grpc.SearchServiceStub(channel).ListCollections(
+            search_pb2.SearchServiceListCollectionsRequest(), timeout=5
+        )
+
+
+def _served_serial(port: int, pki: Pki) -> int:
+    """The serial number of the certificate the server presents to a new connection."""
+    context = ssl.create_default_context(cafile=str(pki.ca_file))
+    context.load_cert_chain(str(pki.client.cert), str(pki.client.key))
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((HOST, port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=HOST) as wrapped,
+    ):
+        der = wrapped.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_an_internal_service_serves_only_callers_with_a_certificate_from_its_ca(
+    pki: Pki, tmp_path: Path
+) -> None:
+    good = pki.client.credentials(pki.ca_file)
+    service = start_service(
+        "search",
+        [f"store.uri={tmp_path / 'facegrid.db'}", *pki.server_settings()],
+        tmp_path,
+        credentials=good,
+    )
+    try:
+        _list_collections(service.address, good)
+        refused = {
+            "plaintext": None,
+            "TLS without a client certificate": grpc.ssl_channel_credentials(
+                pki.ca_file.read_bytes()
+            ),
+            "a client certificate of another CA": pki.other_client.credentials(pki.ca_file),
+            "an expired client certificate": pki.expired_client.credentials(pki.ca_file),
+            # The caller checks the server too: one that trusts another CA refuses it.
+            "a server its CA did not issue": pki.client.credentials(pki.other_ca_file),
+        }
+        for what, credentials in refused.items():
+            error = rpc_error(lambda c=credentials: _list_collections(service.address, c))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, what
+        _list_collections(service.address, good)  # and it is still serving
+        assert "(TLS)" in service.log()
+    finally:
+        assert service.stop() == 0
+
+
+def test_a_rotated_certificate_is_served_without_a_restart_and_fails_no_call(
+    pki: Pki, tmp_path: Path
+) -> None:
+    folder = tmp_path / "certs"
+    folder.mkdir()
+    served = _write(pki.ca.issue_cert(HOST), folder, "served")
+    good = pki.client.credentials(pki.ca_file)
+    service = start_service(
+        "search",
+        [
+            f"store.uri={tmp_path / 'facegrid.db'}",
+            f"tls.cert_file={served.cert}",
+            f"tls.key_file={served.key}",
+            f"tls.client_ca_file={pki.ca_file}",
+            # Clients reconnect every second, so new handshakes happen all the time.
+            "server.max_connection_age_s=1",
+        ],
+        tmp_path,
+        credentials=good,
+    )
+    port = int(service.address.rsplit(":", 1)[1])
+    before = _served_serial(port, pki)
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with grpc.secure_channel(service.address, good) as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            while not stop.is_set():
+                try:
+                    stub.ListCollections(
+                        search_pb2.SearchServiceListCollectionsRequest(), timeout=5
+                    )
+                    outcomes.append("ok")
+                except grpc.RpcError as error:
+                    outcomes.append(f"{error.code()}: {error.details()}")
+                time.sleep(0.02)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        time.sleep(1.5)
+        # A rotation as a secret mount does it, one file after the other: for a moment
+        # the key is new and the certificate old, which must not be served.
+        rotated = pki.ca.issue_cert(HOST)
+        rotated.private_key_pem.write_to_path(str(served.key))
+        time.sleep(2.5)  # connections renewed meanwhile still get the old pair
+        rotated.cert_chain_pems[0].write_to_path(str(served.cert))
+        deadline = time.monotonic() + 10
+        while (after := _served_serial(port, pki)) == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.5)  # calls go on over connections with the new certificate
+    finally:
+        stop.set()
+        worker.join(30)
+        code = service.stop()
+    failures = [o for o in outcomes if o != "ok"]
+    assert not failures, f"{len(failures)} of {len(outcomes)} calls failed: {failures[:3]}"
+    assert len(outcomes) > 50
+    assert after != before
+    assert "reloaded the TLS certificate" in service.log()
+    assert "not reloading the TLS certificate yet" in service.log()
+    assert code == 0
+
+
+def test_plaintext_is_refused_beyond_the_loopback_interface(tmp_path: Path) -> None:
+    assert all(tls.is_loopback(h) for h in ("127.0.0.1", "127.0.0.3", "::1", "localhost"))
+    assert not any(tls.is_loopback(h) for h in ("0.0.0.0", "10.1.2.3", "", "facegrid"))
+    command = [sys.executable, "-m", "facegrid.cli", "serve", "search", "--port", "0"]
+    settings = ["server.host=0.0.0.0", "search.metrics_port=0", f"store.uri={tmp_path}/x.db"]
+    for setting in settings:
+        command += ["--set", setting]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "refusing to serve plaintext on 0.0.0.0" in done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def tls_stack(
+    pki: Pki, model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServiceGroup, str]]:
+    """The four services over TLS: the internal ones require the gateway's client
+    certificate; the gateway serves TLS to callers (who bring tokens, not certificates)."""
+    work = tmp_path_factory.mktemp("tls-stack")
+    credentials = work / "credentials.json"
+    token = create_token(credentials, "investigator-1", ALL_SCOPES)
+    group = ServiceGroup(
+        [
+            *inference_overrides("local", model_repo, None),
+            *pki.server_settings(),
+            *pki.client_settings(),
+            f"store.uri={work / 'facegrid.db'}",
+            f"gateway.credentials_file={credentials}",
+            f"gateway.audit_path={work / 'audit.db'}",
+        ],
+        log_dir=work / "logs",
+    )
+    try:
+        for name in FACE_SERVICES:
+            extra = ["tls.client_ca_file="] if name == "gateway" else []
+            group.start(name, port=0, extra=extra)
+        yield group, token
+    finally:
+        group.stop()
+
+
+@pytest.mark.skipif(not PHOTO.is_file(), reason=f"{PHOTO} is missing")
+def test_every_hop_of_a_search_is_tls(pki: Pki, tls_stack: tuple[ServiceGroup, str]) -> None:
+    group, token = tls_stack
+    gateway = group.services["gateway"].address
+    caller = grpc.ssl_channel_credentials(pki.ca_file.read_bytes())  # no certificate
+    md = bearer_metadata(token)
+    with grpc.secure_channel(gateway, caller) as channel:
+        api = face_service_pb2_grpc.FaceServiceStub(channel)
+        api.CreateCollection(
+            F.CreateCollectionRequest(collection_id="tls", collection=resources_pb2.Collection()),
+            metadata=md,
+            timeout=60,
+        )
+        photo = PHOTO.read_bytes()
+        api.IndexFaces(
+            F.IndexFacesRequest(parent="collections/tls", image=photo), metadata=md, timeout=60
+        )
+        context = common_pb2.IdentificationContext(
+            purpose=common_pb2.IdentificationContext.PURPOSE_TESTING, case_id="TLS-1"
+        )
+        reply = api.SearchFacesByImage(
+            F.SearchFacesByImageRequest(parent="collections/tls", image=photo, context=context),
+            metadata=md,
+            timeout=60,
+        )
+        assert reply.face_matches
+    with grpc.insecure_channel(gateway) as plain:
+        error = rpc_error(
+            lambda: face_service_pb2_grpc.FaceServiceStub(plain).ListCollections(
+                F.ListCollectionsRequest(), metadata=md, timeout=5
+            )
+        )
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    # The internal services refuse the caller's plaintext and its certificate-less TLS.
+    search = group.services["search"].address
+    for credentials in (None, caller):
+        error = rpc_error(lambda c=credentials: _list_collections(search, c))  # type: ignore[misc]
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
