@@ -26,6 +26,7 @@ from google.rpc import error_details_pb2
 from facegrid import telemetry, validation
 from facegrid.audit_log import AuditLog
 from facegrid.auth import AUTHORIZATION_HEADER, BEARER_PREFIX, Credentials, Principal
+from facegrid.authenticator import Authenticator
 from facegrid.errors import ServiceError, internal, unavailable
 from facegrid.metrics import AUDIT_RECORDS
 from facegrid.v1 import common_pb2, face_service_pb2
@@ -89,16 +90,21 @@ Method = Callable[[Any, Any, grpc.aio.ServicerContext, AuditDraft], Awaitable[An
 class Gatekeeper:
     """Authenticates callers, checks scopes and writes audit records."""
 
-    def __init__(self, credentials: Credentials, audit_log: AuditLog, service_name: str) -> None:
-        self.credentials = credentials
+    def __init__(
+        self, callers: Authenticator | Credentials, audit_log: AuditLog, service_name: str
+    ) -> None:
+        self.authenticator = (
+            callers if isinstance(callers, Authenticator) else Authenticator(callers)
+        )
         self.audit_log = audit_log
         self.service_name = service_name  # e.g. facegrid.v1.FaceService, for record methods
 
-    def authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
+    async def authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
         for key, value in context.invocation_metadata() or ():
             if key == AUTHORIZATION_HEADER and isinstance(value, str):
                 if value.startswith(BEARER_PREFIX):
-                    principal = self.credentials.authenticate(value[len(BEARER_PREFIX) :])
+                    token = value[len(BEARER_PREFIX) :]
+                    principal = await self.authenticator.authenticate(token)
                     if principal is not None:
                         return principal
                 break
@@ -108,11 +114,11 @@ class Gatekeeper:
             [error_details_pb2.ErrorInfo(reason="UNAUTHENTICATED", domain="facegrid.dev")],
         )
 
-    def _draft(self, method_name: str, context: grpc.aio.ServicerContext) -> AuditDraft:
+    async def _draft(self, method_name: str, context: grpc.aio.ServicerContext) -> AuditDraft:
         """Authenticate the caller; the audit record of this call, to fill in."""
         received = timestamp_pb2.Timestamp()
         received.GetCurrentTime()
-        principal = self.authenticate(context)
+        principal = await self.authenticate(context)
         draft = AuditDraft(
             face_service_pb2.AuditRecord(
                 create_time=received,
@@ -146,7 +152,7 @@ class Gatekeeper:
         """For streaming methods, which cannot be wrapped by :func:`guarded`: authenticate
         and check the scope (a refusal is audited); the caller fills in the draft and
         writes it with :meth:`write` before it streams anything."""
-        draft = self._draft(method_name, context)
+        draft = await self._draft(method_name, context)
         try:
             self._check_scope(draft, method_name, scope)
         except ServiceError as error:
@@ -169,7 +175,7 @@ class Gatekeeper:
         request: Any,
         context: grpc.aio.ServicerContext,
     ) -> Any:
-        draft = self._draft(method_name, context)
+        draft = await self._draft(method_name, context)
         try:
             self._check_scope(draft, method_name, scope)
             if audited:

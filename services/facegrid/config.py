@@ -456,6 +456,46 @@ class ServerSettings(Section):
     )
 
 
+class OidcSettings(Section):
+    issuer: str = Field(
+        "",
+        description="OIDC issuer whose access tokens (JWT) the gateway and ingest accept, "
+        "besides the credentials file; its tokens must carry exactly this iss. Empty: off.",
+    )
+    audience: str = Field("facegrid", description="The aud the tokens must carry.")
+    jwks_url: str = Field(
+        "",
+        description="The issuer's JWKS (its public keys); https, or http on a loopback "
+        "address. Fetched at the first token and when a token names an unknown key id.",
+    )
+    algorithms: list[str] = Field(
+        ["RS256", "ES256"],
+        description="Signature algorithms accepted (the token's header is trusted for "
+        "nothing else): asymmetric ones only.",
+    )
+    leeway_s: float = Field(30.0, ge=0, le=300, description="Clock leeway for exp and nbf.")
+    scope_claim: str = Field(
+        "scope",
+        description="Claim holding the facegrid scopes: a space-separated string or a list.",
+    )
+    principal_claim: str = Field(
+        "sub", description="Claim naming the caller, as audit records show it."
+    )
+    jwks_min_refresh_s: float = Field(
+        10.0, ge=0, description="An unknown key id refetches the JWKS at most this often."
+    )
+    jwks_timeout_s: float = Field(5.0, gt=0, description="Deadline of a JWKS fetch.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> OidcSettings:
+        if self.issuer and not self.jwks_url:
+            raise ValueError("oidc.issuer needs oidc.jwks_url")
+        weak = [a for a in self.algorithms if not a.startswith(("RS", "PS", "ES", "Ed"))]
+        if weak:
+            raise ValueError(f"oidc.algorithms must be asymmetric, not {weak}")
+        return self
+
+
 class TlsSettings(Section):
     cert_file: str = Field(
         "",
@@ -502,6 +542,7 @@ class Settings(BaseSettings):
 
     server: ServerSettings = ServerSettings()
     tls: TlsSettings = TlsSettings()
+    oidc: OidcSettings = OidcSettings()
     inference: InferenceSettings = InferenceSettings()
     images: ImageLimits = ImageLimits()
     detection: DetectionSettings = DetectionSettings()

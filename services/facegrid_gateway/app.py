@@ -28,8 +28,8 @@ from facegrid.auth import (
     SCOPE_ENROL,
     SCOPE_READ,
     SCOPE_SEARCH,
-    Credentials,
 )
+from facegrid.authenticator import Authenticator
 from facegrid.config import Settings
 from facegrid.errors import invalid_argument, not_found
 from facegrid.identification.deadline import Deadline
@@ -725,13 +725,8 @@ def _derived_id(request_uuid: uuid.UUID | None, parent: str, digest: str, part: 
 
 async def serve(settings: Settings) -> None:
     gateway = settings.gateway
-    credentials = Credentials.load(gateway.credentials_file)
-    if not len(credentials):
-        log.warning(
-            "no callers in %s: every call will be UNAUTHENTICATED "
-            "(create one with `facegrid token create`)",
-            gateway.credentials_file,
-        )
+    callers = Authenticator.configured(gateway.credentials_file, settings.oidc)
+    callers.reload_on_sighup()
     ThresholdPolicy(gateway)  # refuses a misconfigured policy before serving
     audit_log = open_audit_log(gateway)
     downstream = Downstream(
@@ -744,7 +739,7 @@ async def serve(settings: Settings) -> None:
         channel_options=keepalive_ping_options(settings.server),
     )
     pipeline = FacePipeline(downstream, QualityPolicy(gateway))
-    gatekeeper = Gatekeeper(credentials, audit_log, "facegrid.v1.FaceService")
+    gatekeeper = Gatekeeper(callers, audit_log, "facegrid.v1.FaceService")
     servicer = FaceServicer(settings, gatekeeper, downstream, pipeline)
     server = FacegridServer(
         "gateway",

@@ -20,7 +20,8 @@ import nats
 from facegrid import paging
 from facegrid.accountability import AuditDraft, Gatekeeper, guarded
 from facegrid.audit_log import open_audit_log
-from facegrid.auth import SCOPE_INGEST_ADMIN, SCOPE_INGEST_PUSH, SCOPE_INGEST_WATCH, Credentials
+from facegrid.auth import SCOPE_INGEST_ADMIN, SCOPE_INGEST_PUSH, SCOPE_INGEST_WATCH
+from facegrid.authenticator import Authenticator
 from facegrid.config import Settings
 from facegrid.errors import (
     ServiceError,
@@ -639,7 +640,8 @@ class _Sampler:
 async def serve(settings: Settings) -> None:
     ingest = settings.ingest
     gateway = settings.gateway
-    credentials = Credentials.load(gateway.credentials_file)
+    callers = Authenticator.configured(gateway.credentials_file, settings.oidc)
+    callers.reload_on_sighup()
     ThresholdPolicy(gateway)  # refuses a misconfigured policy before serving
     audit_log = open_audit_log(gateway)
     downstream = Downstream(
@@ -683,7 +685,7 @@ async def serve(settings: Settings) -> None:
         )
 
     replica = Replica(ingest, store, leases, push_leases, events, audit_log, pipeline)
-    gatekeeper = Gatekeeper(credentials, audit_log, SERVICE_NAME)
+    gatekeeper = Gatekeeper(callers, audit_log, SERVICE_NAME)
     servicer = IngestServicer(settings, gatekeeper, identifier, store, events, replica)
     server = FacegridServer(
         "ingest",
