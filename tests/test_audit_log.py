@@ -15,7 +15,7 @@ from facegrid.audit_chain import record_digest, verify_chain
 from facegrid.audit_log import AuditChainError, SqliteAuditLog, index_columns, next_record
 from facegrid.auth import Credentials
 from facegrid.errors import ServiceError
-from facegrid.v1 import face_service_pb2
+from facegrid.v1 import common_pb2, face_service_pb2, ingest_pb2
 
 from tests.audit_helpers import append, attempt, retried_call_cases
 
@@ -154,4 +154,26 @@ def test_a_log_from_before_request_ids_is_upgraded_in_place(tmp_path: Path) -> N
     records = asyncio.run(log.list(face_service_pb2.AuditRecordFilter(), 0, 100)).records
     assert records[0] == record
     assert verify_chain(list(records)).intact
+    log.close()
+
+
+def test_a_purpose_the_caller_may_not_use_is_refused_also_inside_a_stream_processor(
+    tmp_path: Path,
+) -> None:
+
+    log = SqliteAuditLog(tmp_path / "audit.db")
+    gatekeeper = Gatekeeper(Credentials([]), log, "facegrid.v1.IngestService")
+    draft = AuditDraft(AuditRecord(principal="missing-persons"))
+    draft.purposes = frozenset({"PURPOSE_MISSING_PERSON"})
+    watch = ingest_pb2.CreateStreamProcessorRequest()
+    watch.stream_processor.context.purpose = (
+        common_pb2.IdentificationContext.PURPOSE_WATCHLIST_MONITORING
+    )
+    with pytest.raises(ServiceError) as refused:
+        gatekeeper._check_purpose(draft, watch)
+    assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert draft.record.context.purpose == watch.stream_processor.context.purpose
+    watch.stream_processor.context.purpose = common_pb2.IdentificationContext.PURPOSE_MISSING_PERSON
+    gatekeeper._check_purpose(draft, watch)  # allowed
+    gatekeeper._check_purpose(draft, face_service_pb2.GetCollectionRequest())  # no purpose
     log.close()

@@ -4,6 +4,7 @@ in-process onnxruntime and once with inference through the real Triton server.""
 
 from __future__ import annotations
 
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import Stack
 from facegrid.audit_chain import verify_chain
+from facegrid.auth import create_token
 from facegrid.v1 import common_pb2, face_service_pb2, face_service_pb2_grpc, resources_pb2
 from google.protobuf import field_mask_pb2, struct_pb2
 from grpc_helpers import error_info, error_reason, field_violations, jpeg_bytes, rpc_error
@@ -887,6 +889,66 @@ def _wait_until_reachable(api: Client, collection: str) -> None:
 
 
 # ---------------------------------------------------------------- audit
+
+
+def test_purposes_are_limited_per_caller_and_testing_is_refused_on_production(
+    api: Client, channel: grpc.Channel, e2e_stack: Stack, faces: Path
+) -> None:
+    name = f"prod-{uuid.uuid4().hex[:8]}"
+    api.CreateCollection(
+        F.CreateCollectionRequest(
+            collection_id=name, collection=resources_pb2.Collection(production=True)
+        )
+    )
+    parent = f"collections/{name}"
+    image = photo(faces, "knn/test/obama1.jpg")
+    api.IndexFaces(F.IndexFacesRequest(parent=parent, image=image))
+
+    def search(client: Client, purpose: int) -> F.SearchFacesByImageResponse:
+        context = common_pb2.IdentificationContext(purpose=purpose, case_id="CASE-P")
+        return client.SearchFacesByImage(
+            F.SearchFacesByImageRequest(parent=parent, image=image, context=context)
+        )
+
+    refused = rpc_error(lambda: search(api, Purpose.PURPOSE_TESTING))
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_reason(refused) == "PURPOSE_NOT_ALLOWED"
+    assert search(api, Purpose.PURPOSE_CRIMINAL_INVESTIGATION).face_matches
+    api.UpdateCollection(
+        F.UpdateCollectionRequest(
+            collection=resources_pb2.Collection(name=parent, production=False),
+            update_mask=field_mask_pb2.FieldMask(paths=["production"]),
+        )
+    )
+    assert search(api, Purpose.PURPOSE_TESTING).face_matches
+    # A caller the administrator allows one purpose (added, then SIGHUP: no restart).
+    token = create_token(
+        e2e_stack.work_dir / "credentials.json",
+        f"missing-persons-{uuid.uuid4().hex[:6]}",
+        ["facegrid.search"],
+        ["PURPOSE_MISSING_PERSON"],
+    )
+    e2e_stack.group.services["gateway"].process.send_signal(signal.SIGHUP)
+    limited = Client(channel, e2e_stack, token)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert search(limited, Purpose.PURPOSE_MISSING_PERSON).face_matches
+            break
+        except grpc.RpcError as error:
+            code = error.code()
+        assert code == grpc.StatusCode.UNAUTHENTICATED  # not yet re-read
+        assert time.monotonic() < deadline, "the gateway did not re-read its callers"
+        time.sleep(0.2)
+    denied = rpc_error(lambda: search(limited, Purpose.PURPOSE_CRIMINAL_INVESTIGATION))
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_reason(denied) == "PURPOSE_NOT_ALLOWED"
+    records = api.ListAuditRecords(
+        F.ListAuditRecordsRequest(filter=F.AuditRecordFilter(case_id="CASE-P"))
+    ).audit_records
+    codes = [r.status_code for r in records]
+    assert codes.count(grpc.StatusCode.PERMISSION_DENIED.value[0]) == 2  # both on record
+    api.DeleteCollection(F.DeleteCollectionRequest(name=parent, force=True))
 
 
 def test_a_retried_search_is_recorded_once(

@@ -118,6 +118,9 @@ def test_a_valid_token_names_its_caller_and_its_facegrid_scopes(jwks: Jwks) -> N
     listed = jwks.token("e1", scope=[SCOPE_READ], sub="analyst-2")
     principal = check(OidcVerifier(settings(jwks)), listed)
     assert (principal.name, principal.scopes) == ("analyst-2", {SCOPE_READ})
+    assert principal.purposes == frozenset()  # no claim: any purpose
+    limited = jwks.token("k1", facegrid_purposes="PURPOSE_MISSING_PERSON PURPOSE_MADE_UP")
+    assert check(OidcVerifier(settings(jwks)), limited).purposes == {"PURPOSE_MISSING_PERSON"}
 
 
 def test_tokens_that_do_not_hold_are_refused(jwks: Jwks) -> None:

@@ -27,12 +27,13 @@ from facegrid import telemetry, validation
 from facegrid.audit_log import AuditLog
 from facegrid.auth import AUTHORIZATION_HEADER, BEARER_PREFIX, Credentials, Principal
 from facegrid.authenticator import Authenticator
-from facegrid.errors import ServiceError, internal, unavailable
+from facegrid.errors import ServiceError, internal, permission_denied, unavailable
 from facegrid.metrics import AUDIT_RECORDS
 from facegrid.v1 import common_pb2, face_service_pb2
 
 log = logging.getLogger(__name__)
 
+Purpose = common_pb2.IdentificationContext.Purpose
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 
@@ -43,6 +44,7 @@ class AuditDraft:
     def __init__(self, record: face_service_pb2.AuditRecord) -> None:
         self.record = record
         self.scopes: frozenset[str] = frozenset()  # the caller's, once authenticated
+        self.purposes: frozenset[str] = frozenset()  # those it may use; empty: any
 
     def context(self, context: common_pb2.IdentificationContext) -> None:
         self.record.context.CopyFrom(context)
@@ -129,6 +131,7 @@ class Gatekeeper:
             )
         )
         draft.scopes = principal.scopes
+        draft.purposes = principal.purposes
         return draft
 
     @staticmethod
@@ -144,6 +147,27 @@ class Gatekeeper:
                         metadata={"scope": scope},
                     )
                 ],
+            )
+
+    @staticmethod
+    def _check_purpose(draft: AuditDraft, request: Any) -> None:
+        """An identification call's purpose (or a stream processor's, one level down)
+        must be one the caller is allowed."""
+        if not draft.purposes:
+            return
+        context = _identification_context(request)
+        if context is None:
+            return
+        purpose = context.purpose
+        if purpose not in Purpose.values() or purpose == Purpose.PURPOSE_UNSPECIFIED:
+            return  # the method's own validation says what is wrong with it
+        if Purpose.Name(purpose) not in draft.purposes:
+            draft.context(context)  # the refusal's record says for what
+            raise permission_denied(
+                "context.purpose",
+                f"{draft.record.principal} may not identify for {Purpose.Name(purpose)}; "
+                f"allowed: {', '.join(sorted(draft.purposes))}",
+                "PURPOSE_NOT_ALLOWED",
             )
 
     async def admit(
@@ -178,6 +202,7 @@ class Gatekeeper:
         draft = await self._draft(method_name, context)
         try:
             self._check_scope(draft, method_name, scope)
+            self._check_purpose(draft, request)
             if audited:
                 draft.record.request_id = _request_id(request)
             response = await method(servicer, request, context, draft)
@@ -218,6 +243,17 @@ class Gatekeeper:
                 "the audit record could not be written; no results are returned",
                 "AUDIT_UNAVAILABLE",
             ) from exc
+
+
+def _identification_context(request: Any) -> common_pb2.IdentificationContext | None:
+    """The request's ``context``, or that of a message it holds (a StreamProcessor's)."""
+    for message in (request, *(v for f, v in request.ListFields() if f.message_type)):
+        if not hasattr(message, "DESCRIPTOR"):
+            continue  # a repeated or map field
+        field = message.DESCRIPTOR.fields_by_name.get("context")
+        if field is not None and field.message_type is common_pb2.IdentificationContext.DESCRIPTOR:
+            return message.context  # type: ignore[no-any-return]
+    return None
 
 
 def _request_id(request: Any) -> str:

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from facegrid.v1 import common_pb2
+
 AUTHORIZATION_HEADER = "authorization"
 BEARER_PREFIX = "Bearer "
 
@@ -54,10 +56,17 @@ TOKEN_ENV = "FACEGRID_TOKEN"
 TOKEN_PREFIX = "fgt_"
 
 
+# What a caller may say an identification is for: common.proto's purposes, by name.
+_PURPOSE = common_pb2.IdentificationContext.Purpose
+PURPOSES = tuple(name for name in _PURPOSE.keys() if name != "PURPOSE_UNSPECIFIED")  # noqa: SIM118
+
+
 @dataclass(frozen=True)
 class Principal:
     name: str
     scopes: frozenset[str]
+    # The purposes the administrator allows this caller; empty: any purpose.
+    purposes: frozenset[str] = frozenset()
 
 
 def token_digest(token: str) -> str:
@@ -67,9 +76,17 @@ def token_digest(token: str) -> str:
 class Credentials:
     """The principals of a credentials file, looked up by token in constant time."""
 
-    def __init__(self, entries: Iterable[tuple[str, str, Iterable[str]]]) -> None:
+    def __init__(
+        self,
+        entries: Iterable[tuple[str, str, Iterable[str]]],
+        purposes: dict[str, Iterable[str]] | None = None,
+    ) -> None:
+        """``entries``: (principal, token digest, scopes); ``purposes``: per principal,
+        the purposes it may use (a principal not named may use any)."""
+        allowed = purposes or {}
         self._by_digest = {
-            digest: Principal(name, frozenset(scopes)) for name, digest, scopes in entries
+            digest: Principal(name, frozenset(scopes), frozenset(allowed.get(name, ())))
+            for name, digest, scopes in entries
         }
 
     @classmethod
@@ -78,12 +95,17 @@ class Credentials:
             return cls([])
         document = json.loads(path.read_text())
         entries = []
+        purposes = {}
         for entry in document.get("principals", []):
             unknown = set(entry["scopes"]) - set(ALL_SCOPES)
             if unknown:
                 raise ValueError(f"{path}: unknown scopes {sorted(unknown)}")
+            unknown = set(entry.get("purposes", [])) - set(PURPOSES)
+            if unknown:
+                raise ValueError(f"{path}: unknown purposes {sorted(unknown)}")
             entries.append((entry["principal"], entry["token_sha256"], entry["scopes"]))
-        return cls(entries)
+            purposes[entry["principal"]] = entry.get("purposes", [])
+        return cls(entries, purposes)
 
     def __len__(self) -> int:
         return len(self._by_digest)
@@ -96,18 +118,29 @@ class Credentials:
         return None
 
 
-def create_token(path: Path, principal: str, scopes: Iterable[str]) -> str:
-    """Add a principal with a fresh token to the credentials file; return the token."""
+def create_token(
+    path: Path, principal: str, scopes: Iterable[str], purposes: Iterable[str] = ()
+) -> str:
+    """Add a principal with a fresh token to the credentials file; return the token.
+    ``purposes``: the only purposes it may identify for (none given: any)."""
     granted = sorted(set(scopes))
     unknown = set(granted) - set(ALL_SCOPES)
     if unknown or not granted:
         raise ValueError(f"scopes must be some of {', '.join(ALL_SCOPES)}")
+    allowed = sorted(set(purposes))
+    if set(allowed) - set(PURPOSES):
+        raise ValueError(f"purposes must be some of {', '.join(PURPOSES)}")
     # A recognisable prefix (secret scanners can match it) that also keeps a token from
     # starting with "-", which a command line would take for an option.
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     document = json.loads(path.read_text()) if path.exists() else {"principals": []}
     document["principals"] = [e for e in document["principals"] if e["principal"] != principal] + [
-        {"principal": principal, "token_sha256": token_digest(token), "scopes": granted}
+        {
+            "principal": principal,
+            "token_sha256": token_digest(token),
+            "scopes": granted,
+            **({"purposes": allowed} if allowed else {}),
+        }
     ]
     _write_private(path, json.dumps(document, indent=2) + "\n")
     return token

@@ -88,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
         help="a scope to grant (repeatable)",
     )
     create.add_argument(
+        "--purpose",
+        dest="purposes",
+        action="append",
+        default=[],
+        choices=auth.PURPOSES,
+        help="a purpose it may identify for (repeatable; none given: any)",
+    )
+    create.add_argument(
         "--credentials-file",
         type=Path,
         help="default: the gateway's setting gateway.credentials_file",
@@ -153,7 +161,7 @@ def _up(args: argparse.Namespace) -> int:
 
 def _token_create(args: argparse.Namespace) -> int:
     path = args.credentials_file or load_settings().gateway.credentials_file
-    token = auth.create_token(path, args.principal, args.scopes)
+    token = auth.create_token(path, args.principal, args.scopes, args.purposes)
     print(f"created {args.principal} in {path} with {', '.join(sorted(set(args.scopes)))}")
     print(f"token (shown once; the file keeps only its SHA-256): {token}")
     print("the gateway reads the file at start-up: restart it to admit the new caller")

@@ -481,6 +481,11 @@ class OidcSettings(Section):
     principal_claim: str = Field(
         "sub", description="Claim naming the caller, as audit records show it."
     )
+    purpose_claim: str = Field(
+        "facegrid_purposes",
+        description="Claim listing the identification purposes the caller may use "
+        "(PURPOSE_... names, a list or a space-separated string); absent: any.",
+    )
     jwks_min_refresh_s: float = Field(
         10.0, ge=0, description="An unknown key id refetches the JWKS at most this often."
     )

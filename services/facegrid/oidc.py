@@ -6,7 +6,8 @@ header's ``alg`` is never trusted beyond that list, so ``none`` and an HMAC made
 public key are refused), and its ``iss``, ``aud``, ``exp`` and ``nbf`` hold, with
 ``oidc.leeway_s`` for clocks. The principal is the ``oidc.principal_claim`` (``sub``);
 the scopes are the facegrid scopes named in ``oidc.scope_claim`` (a space-separated
-string, as OAuth's ``scope``, or a list); any other scope is ignored.
+string, as OAuth's ``scope``, or a list; any other scope is ignored), and the purposes
+it may identify for those of ``oidc.purpose_claim`` (absent: any).
 
 The JWKS is fetched at the first token, and again when a token names a key id it does
 not hold (the issuer rotated its keys), at most once every ``oidc.jwks_min_refresh_s``
@@ -27,7 +28,7 @@ from typing import Any
 
 import jwt
 
-from facegrid.auth import ALL_SCOPES, Principal
+from facegrid.auth import ALL_SCOPES, PURPOSES, Principal
 from facegrid.config import OidcSettings
 from facegrid.tls import is_loopback
 
@@ -77,7 +78,11 @@ class OidcVerifier:
         except jwt.InvalidTokenError as error:
             log.info("refused a token: %s", error)  # the reason, never the token
             return None
-        return Principal(str(claims[self.settings.principal_claim]), _scopes(claims, self.settings))
+        return Principal(
+            str(claims[self.settings.principal_claim]),
+            _named(claims.get(self.settings.scope_claim, []), ALL_SCOPES),
+            _named(claims.get(self.settings.purpose_claim, []), PURPOSES),
+        )
 
     async def _key(self, key_id: str) -> jwt.PyJWK | None:
         if key_id in self._keys:
@@ -109,7 +114,7 @@ class OidcVerifier:
             return json.loads(response.read(MAX_JWKS_BYTES))
 
 
-def _scopes(claims: dict[str, Any], settings: OidcSettings) -> frozenset[str]:
-    value = claims.get(settings.scope_claim, [])
+def _named(value: Any, known: tuple[str, ...]) -> frozenset[str]:
+    """The known names in a claim: a space-separated string or a list."""
     named = value.split() if isinstance(value, str) else [str(v) for v in value]
-    return frozenset(s for s in named if s in ALL_SCOPES)
+    return frozenset(n for n in named if n in known)

@@ -199,6 +199,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             metric=resources_pb2.METRIC_COSINE,
             model_version=model.version,
             similarity_calibration=model.calibration_message,
+            production=given.production,
         )
         if given.HasField("face_retention"):
             collection.face_retention.CopyFrom(given.face_retention)
@@ -438,12 +439,8 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             self._collection(parent, context, "face"),
         )
         stored = found.face
-        decision = self._thresholds.decide(
-            collection.model_version,
-            request.context.purpose,
-            requested,
-            "face_match_threshold",
-            collection,
+        decision = self._flow.decide(
+            collection, request.context.purpose, requested, "face_match_threshold"
         )
         audit.threshold(decision.message)
         [matches] = await self._flow.search(

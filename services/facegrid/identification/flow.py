@@ -16,12 +16,14 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from facegrid.errors import internal
+from facegrid.errors import internal, permission_denied
 from facegrid.identification.deadline import Deadline
 from facegrid.identification.downstream import Downstream
 from facegrid.identification.faces import FacePipeline, Probe
 from facegrid.identification.policy import ThresholdDecision, ThresholdPolicy, check_requested
 from facegrid.v1 import common_pb2, resources_pb2, search_pb2
+
+Purpose = common_pb2.IdentificationContext.Purpose
 
 S = search_pb2
 
@@ -81,6 +83,12 @@ class Identifier:
         requested: float | None,
         field: str,
     ) -> ThresholdDecision:
+        if collection.production and purpose == Purpose.PURPOSE_TESTING:
+            raise permission_denied(
+                "context.purpose",
+                f"{collection.name} is a production collection: PURPOSE_TESTING is refused on it",
+                "PURPOSE_NOT_ALLOWED",
+            )
         return self.thresholds.decide(
             collection.model_version, purpose, requested, field, collection
         )
