@@ -34,6 +34,7 @@ from facegrid.v1 import (
     face_service_pb2,
     ingest_pb2,
     ingest_pb2_grpc,
+    resources_pb2,
 )
 from facegrid_ingest.event_log import source_token
 from facegrid_ingest.leases import DEFAULT_LEASES_BUCKET, lease_key
@@ -259,6 +260,19 @@ def test_bad_processors_are_refused_with_the_field(stack: IngestStack, watchlist
     assert create("twice", twice).code() == grpc.StatusCode.INVALID_ARGUMENT
     fps = _processor("collections/watchlist", _file_source(), frames_per_second=100)
     assert create("fps", fps).code() == grpc.StatusCode.INVALID_ARGUMENT
+    # No test watch-list on a production collection.
+    s.faces.CreateCollection(
+        F.CreateCollectionRequest(
+            collection_id="production", collection=resources_pb2.Collection(production=True)
+        ),
+        metadata=md,
+        timeout=CALL_TIMEOUT_S,
+    )
+    testing = _processor("collections/production", _file_source())
+    testing.context.purpose = Purpose.PURPOSE_TESTING
+    error = create("testing", testing)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "production collection" in (error.details() or "")
     with pytest.raises(grpc.RpcError) as caught:
         s.ingest.GetStreamProcessor(
             I.GetStreamProcessorRequest(name="streamProcessors/nothing"), metadata=md, timeout=30

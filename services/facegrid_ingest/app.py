@@ -135,8 +135,15 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
     def _check(self, processor: SP) -> None:
         checks.check_processor(processor, self._ingest.allowed_hosts, self._ingest.allowed_dirs)
 
-    async def _check_collection(self, name: str, context: Context) -> None:
-        await self._identifier.collection(name, Deadline.of(context), "stream_processor.collection")
+    async def _check_collection(self, processor: SP, context: Context) -> None:
+        """The watch-list collection exists and may be searched for the purpose given
+        (no PURPOSE_TESTING on a production collection)."""
+        collection = await self._identifier.collection(
+            processor.collection, Deadline.of(context), "stream_processor.collection"
+        )
+        self._identifier.decide(
+            collection, processor.context.purpose, None, "stream_processor.match_threshold"
+        )
 
     # ---------------------------------------------------------------- processors
 
@@ -151,7 +158,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         audit.context(given.context)
         audit.collection(given.collection)
         self._check(given)
-        await self._check_collection(given.collection, context)
+        await self._check_collection(given, context)
         if len(await self._store.list()) >= self._ingest.max_processors:
             raise resource_exhausted(
                 "stream processors",
@@ -217,8 +224,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         audit.context(merged.context)
         audit.collection(merged.collection)
         self._check(merged)
-        if "collection" in paths:
-            await self._check_collection(merged.collection, context)
+        if "collection" in paths or "context" in paths:
+            await self._check_collection(merged, context)
 
         def edit(processor: SP) -> None:
             if processor.state == SP.STATE_RUNNING and any(p in checks.STOPPED_ONLY for p in paths):
