@@ -29,6 +29,7 @@ from facegrid.auth import AUTHORIZATION_HEADER, BEARER_PREFIX, Credentials, Prin
 from facegrid.authenticator import Authenticator
 from facegrid.errors import ServiceError, internal, permission_denied, unavailable
 from facegrid.metrics import AUDIT_RECORDS
+from facegrid.quotas import Quotas
 from facegrid.v1 import common_pb2, face_service_pb2
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class AuditDraft:
 
     def __init__(self, record: face_service_pb2.AuditRecord) -> None:
         self.record = record
+        self.principal = Principal("", frozenset())  # the caller, once authenticated
         self.scopes: frozenset[str] = frozenset()  # the caller's, once authenticated
         self.purposes: frozenset[str] = frozenset()  # those it may use; empty: any
 
@@ -93,8 +95,13 @@ class Gatekeeper:
     """Authenticates callers, checks scopes and writes audit records."""
 
     def __init__(
-        self, callers: Authenticator | Credentials, audit_log: AuditLog, service_name: str
+        self,
+        callers: Authenticator | Credentials,
+        audit_log: AuditLog,
+        service_name: str,
+        quotas: Quotas | None = None,
     ) -> None:
+        self.quotas = quotas
         self.authenticator = (
             callers if isinstance(callers, Authenticator) else Authenticator(callers)
         )
@@ -130,6 +137,7 @@ class Gatekeeper:
                 trace_id=telemetry.current_trace_id(),
             )
         )
+        draft.principal = principal
         draft.scopes = principal.scopes
         draft.purposes = principal.purposes
         return draft
@@ -162,7 +170,6 @@ class Gatekeeper:
         if purpose not in Purpose.values() or purpose == Purpose.PURPOSE_UNSPECIFIED:
             return  # the method's own validation says what is wrong with it
         if Purpose.Name(purpose) not in draft.purposes:
-            draft.context(context)  # the refusal's record says for what
             raise permission_denied(
                 "context.purpose",
                 f"{draft.record.principal} may not identify for {Purpose.Name(purpose)}; "
@@ -202,7 +209,12 @@ class Gatekeeper:
         draft = await self._draft(method_name, context)
         try:
             self._check_scope(draft, method_name, scope)
+            given = _identification_context(request)
+            if given is not None:
+                draft.context(given)  # on the record even if refused before the method
             self._check_purpose(draft, request)
+            if self.quotas is not None:
+                await self.quotas.take(draft.principal, method_name)
             if audited:
                 draft.record.request_id = _request_id(request)
             response = await method(servicer, request, context, draft)

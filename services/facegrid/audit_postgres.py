@@ -31,6 +31,7 @@ from typing import TypeVar
 import psycopg
 from psycopg import sql
 
+from facegrid import quotas
 from facegrid.audit_chain import verify_chain
 from facegrid.audit_log import (
     STARTUP_CHECK_RECORDS,
@@ -111,6 +112,7 @@ def create_schema(connection: psycopg.Connection[tuple[object, ...]]) -> None:
     with connection.transaction():
         connection.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK_KEY,))
         connection.execute(SCHEMA)
+        connection.execute(quotas.SCHEMA)  # the gateways' shared quota counts
 
 
 def grant_writer(connection: psycopg.Connection[tuple[object, ...]], role: str) -> None:
@@ -120,6 +122,12 @@ def grant_writer(connection: psycopg.Connection[tuple[object, ...]], role: str) 
         connection.execute(sql.SQL("REVOKE ALL ON {} FROM {}").format(sql.Identifier(TABLE), name))
         connection.execute(
             sql.SQL("GRANT SELECT, INSERT ON {} TO {}").format(sql.Identifier(TABLE), name)
+        )
+        # Quota counts are counters, not records: they are updated and pruned.
+        connection.execute(
+            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
+                sql.Identifier(quotas.QUOTA_TABLE), name
+            )
         )
 
 

@@ -231,6 +231,19 @@ class GatewaySettings(Section):
     max_concurrent_rpcs: int = Field(
         64, gt=0, description="Calls served at once; more get RESOURCE_EXHAUSTED."
     )
+    quotas: dict[str, dict[str, int]] = Field(
+        {},
+        description="Calls per minute a caller may make, shared by every gateway replica: "
+        'keys "principal:NAME", "scope:SCOPE" or "default", each a map of '
+        "identifications_per_minute (CompareFaces and the searches) and "
+        "enrolments_per_minute (IndexFaces). A principal's own limit wins, else the "
+        "largest of its scopes', else the default; none: unlimited.",
+    )
+    quota_path: str = Field(
+        "var/quotas.db",
+        description="SQLite file of the quota counts when gateway.audit_database_url is "
+        "unset (the gateways of one machine); with it, the counts live in that database.",
+    )
     credentials_file: Path = Field(
         Path("var/credentials.json"),
         description="Callers and their scopes: JSON with the SHA-256 of each bearer token "

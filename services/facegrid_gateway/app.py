@@ -37,6 +37,7 @@ from facegrid.identification.downstream import Downstream
 from facegrid.identification.faces import FacePipeline, cosines, without_chip
 from facegrid.identification.flow import Identifier
 from facegrid.identification.policy import QualityPolicy, ThresholdPolicy, check_requested
+from facegrid.quotas import Quotas, open_quota_store
 from facegrid.server import (
     FacegridServer,
     ServiceRegistration,
@@ -736,7 +737,8 @@ async def serve(settings: Settings) -> None:
         channel_options=keepalive_ping_options(settings.server),
     )
     pipeline = FacePipeline(downstream, QualityPolicy(gateway))
-    gatekeeper = Gatekeeper(callers, audit_log, "facegrid.v1.FaceService")
+    quotas = Quotas(gateway.quotas, open_quota_store(gateway) if gateway.quotas else None)
+    gatekeeper = Gatekeeper(callers, audit_log, "facegrid.v1.FaceService", quotas)
     servicer = FaceServicer(settings, gatekeeper, downstream, pipeline)
     server = FacegridServer(
         "gateway",
