@@ -243,7 +243,10 @@ class Stack:
         return bearer_metadata(self.token if token is None else token)
 
 
-def start_stack(overrides: list[str], work_dir: Path) -> Stack:
+def start_stack(
+    overrides: list[str], work_dir: Path, extra: dict[str, list[str]] | None = None
+) -> Stack:
+    """The four services with ``overrides``, and ``extra`` settings per service name."""
     credentials = work_dir / "credentials.json"
     token = create_token(credentials, "investigator-1", ALL_SCOPES)
     tokens = {scope: create_token(credentials, f"only-{scope}", [scope]) for scope in ALL_SCOPES}
@@ -259,7 +262,7 @@ def start_stack(overrides: list[str], work_dir: Path) -> Stack:
     )
     try:
         for name in FACE_SERVICES:
-            group.start(name, port=0)
+            group.start(name, port=0, extra=(extra or {}).get(name, []))
     except BaseException:
         group.stop()
         logs = "\n".join(p.read_text(errors="replace") for p in (work_dir / "logs").glob("*"))

@@ -19,11 +19,17 @@ from pathlib import Path
 import grpc
 import pytest
 import trustme
-from conftest import SHARED_DATA, inference_overrides, start_service
+from conftest import (
+    SHARED_DATA,
+    Stack,
+    inference_overrides,
+    start_service,
+    start_stack,
+    stop_stack,
+)
 from cryptography import x509
 from facegrid import tls
-from facegrid.auth import ALL_SCOPES, bearer_metadata, create_token
-from facegrid.launcher import FACE_SERVICES, ServiceGroup
+from facegrid.auth import bearer_metadata
 from facegrid.v1 import (
     common_pb2,
     face_service_pb2,
@@ -244,36 +250,26 @@ def test_plaintext_is_refused_beyond_the_loopback_interface(tmp_path: Path) -> N
 @pytest.fixture(scope="module")
 def tls_stack(
     pki: Pki, model_repo: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[ServiceGroup, str]]:
+) -> Iterator[Stack]:
     """The four services over TLS: the internal ones require the gateway's client
     certificate; the gateway serves TLS to callers (who bring tokens, not certificates)."""
-    work = tmp_path_factory.mktemp("tls-stack")
-    credentials = work / "credentials.json"
-    token = create_token(credentials, "investigator-1", ALL_SCOPES)
-    group = ServiceGroup(
+    stack = start_stack(
         [
             *inference_overrides("local", model_repo, None),
             *pki.server_settings(),
             *pki.client_settings(),
-            f"store.uri={work / 'facegrid.db'}",
-            f"gateway.credentials_file={credentials}",
-            f"gateway.audit_path={work / 'audit.db'}",
         ],
-        log_dir=work / "logs",
+        tmp_path_factory.mktemp("tls-stack"),
+        extra={"gateway": ["tls.client_ca_file="]},
     )
-    try:
-        for name in FACE_SERVICES:
-            extra = ["tls.client_ca_file="] if name == "gateway" else []
-            group.start(name, port=0, extra=extra)
-        yield group, token
-    finally:
-        group.stop()
+    yield stack
+    stop_stack(stack)
 
 
 @pytest.mark.skipif(not PHOTO.is_file(), reason=f"{PHOTO} is missing")
-def test_every_hop_of_a_search_is_tls(pki: Pki, tls_stack: tuple[ServiceGroup, str]) -> None:
-    group, token = tls_stack
-    gateway = group.services["gateway"].address
+def test_every_hop_of_a_search_is_tls(pki: Pki, tls_stack: Stack) -> None:
+    group, token = tls_stack.group, tls_stack.token
+    gateway = tls_stack.address
     caller = grpc.ssl_channel_credentials(pki.ca_file.read_bytes())  # no certificate
     md = bearer_metadata(token)
     with grpc.secure_channel(gateway, caller) as channel:

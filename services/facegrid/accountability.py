@@ -158,13 +158,10 @@ class Gatekeeper:
             )
 
     @staticmethod
-    def _check_purpose(draft: AuditDraft, request: Any) -> None:
-        """An identification call's purpose (or a stream processor's, one level down)
-        must be one the caller is allowed."""
-        if not draft.purposes:
-            return
-        context = _identification_context(request)
-        if context is None:
+    def _check_purpose(draft: AuditDraft, context: common_pb2.IdentificationContext | None) -> None:
+        """An identification call's purpose (its request's, or a stream processor's one
+        level down) must be one the caller is allowed."""
+        if not draft.purposes or context is None:
             return
         purpose = context.purpose
         if purpose not in Purpose.values() or purpose == Purpose.PURPOSE_UNSPECIFIED:
@@ -212,7 +209,7 @@ class Gatekeeper:
             given = _identification_context(request)
             if given is not None:
                 draft.context(given)  # on the record even if refused before the method
-            self._check_purpose(draft, request)
+            self._check_purpose(draft, given)
             if self.quotas is not None:
                 await self.quotas.take(draft.principal, method_name)
             if audited:

@@ -155,11 +155,16 @@ def insert_statement(table: str, placeholder: str) -> str:
     return f"INSERT INTO {table} ({COLUMNS}) VALUES ({values})"
 
 
+def may_repeat(draft: AuditRecord) -> bool:
+    """Whether the draft may be a retry of a call on record: successful, with a request_id."""
+    return bool(draft.request_id) and draft.status_code == 0
+
+
 def earlier_attempt(draft: AuditRecord, blobs: Iterable[object]) -> AuditRecord | None:
     """Among the stored records with the draft's request_id, one that this successful
     draft repeats: the same call made again (its reply lost, say) and answered the
     same; None when there is none and the draft must be stored."""
-    if not draft.request_id or draft.status_code != 0:
+    if not may_repeat(draft):
         return None
     wanted = _without_attempt_fields(draft)
     for blob in blobs:
@@ -269,22 +274,16 @@ class SqliteAuditLog:
         with self._thread_lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                earlier = earlier_attempt(
-                    draft,
-                    (
-                        row[0]
-                        for row in self._db.execute(
-                            "SELECT record FROM audit_records WHERE request_id = ? "
-                            "ORDER BY sequence_number",
-                            (draft.request_id,),
-                        )
-                    )
-                    if draft.request_id
-                    else (),
-                )
-                if earlier is not None:
-                    self._db.execute("ROLLBACK")
-                    return earlier
+                if may_repeat(draft):
+                    rows = self._db.execute(
+                        "SELECT record FROM audit_records WHERE request_id = ? "
+                        "ORDER BY sequence_number",
+                        (draft.request_id,),
+                    ).fetchall()
+                    earlier = earlier_attempt(draft, (row[0] for row in rows))
+                    if earlier is not None:
+                        self._db.execute("ROLLBACK")
+                        return earlier
                 last = self._db.execute(
                     "SELECT sequence_number, record_hash FROM audit_records "
                     "ORDER BY sequence_number DESC LIMIT 1"

@@ -43,6 +43,7 @@ from facegrid.audit_log import (
     filter_clauses,
     index_columns,
     insert_statement,
+    may_repeat,
     next_record,
     page_of,
 )
@@ -227,7 +228,7 @@ class PostgresAuditLog:
 def _append(connection: psycopg.Connection[tuple[object, ...]], draft: AuditRecord) -> AuditRecord:
     with connection.transaction():
         connection.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK_KEY,))
-        if draft.request_id:
+        if may_repeat(draft):
             rows = connection.execute(
                 f"SELECT record FROM {TABLE} WHERE request_id = %s ORDER BY sequence_number",
                 (draft.request_id,),

@@ -46,7 +46,6 @@ class OidcVerifier:
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = -float("inf")
         self._lock = asyncio.Lock()
-        self.fetches = 0
 
     @staticmethod
     def looks_like_jwt(token: str) -> bool:
@@ -97,7 +96,6 @@ class OidcVerifier:
 
     async def _refresh(self) -> None:
         self._fetched_at = time.monotonic()
-        self.fetches += 1
         try:
             document = await asyncio.to_thread(self._fetch)
             keys = jwt.PyJWKSet.from_dict(document).keys

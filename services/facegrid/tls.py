@@ -92,7 +92,6 @@ class RotatingServerCertificate:
         self._lock = threading.Lock()
         self._stamp = self._stamps()
         self.initial = self._configuration()
-        self.reloads = 0
 
     def _stamps(self) -> tuple[tuple[int, int], ...]:
         return tuple((s.st_size, s.st_mtime_ns) for s in (os.stat(p) for p in self._paths))
@@ -116,7 +115,6 @@ class RotatingServerCertificate:
                 log.warning("not reloading the TLS certificate yet: %s", error)
                 return None
             self._stamp = stamp
-            self.reloads += 1
             log.info("reloaded the TLS certificate from %s", self._settings.cert_file)
             return configuration
 
