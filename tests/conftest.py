@@ -297,6 +297,8 @@ def e2e_stack(
     stack = start_stack(
         inference_overrides(backend, model_repo, triton),
         tmp_path_factory.mktemp(f"stack-{backend}"),
+        # Retention sweeps every second (tests/test_gateway.py's retention test).
+        {"gateway": ["gateway.retention_interval_s=1"]},
     )
     yield stack
     stop_stack(stack)

@@ -410,3 +410,23 @@ def test_a_table_from_before_request_ids_is_upgraded_by_its_owner(
     assert records[0] == first
     assert verify_chain(records).intact
     log.close()
+
+
+def test_one_replica_at_a_time_holds_a_task(url: str) -> None:
+    """What retention sweeps use: a task held by one replica's log is refused to another
+    until it is released, and released by a connection that went away."""
+    first, second = PostgresAuditLog(url), PostgresAuditLog(url)
+
+    async def body() -> None:
+        async with first.exclusive("face-retention") as leading:
+            assert leading
+            async with second.exclusive("face-retention") as also:
+                assert not also
+            async with second.exclusive("event-retention") as other_task:
+                assert other_task
+        async with second.exclusive("face-retention") as now_free:
+            assert now_free
+
+    asyncio.run(body())
+    first.close()
+    second.close()

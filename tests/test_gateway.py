@@ -16,8 +16,16 @@ import pytest
 from conftest import Stack
 from facegrid.audit_chain import verify_chain
 from facegrid.auth import create_token
-from facegrid.v1 import common_pb2, face_service_pb2, face_service_pb2_grpc, resources_pb2
-from google.protobuf import field_mask_pb2, struct_pb2
+from facegrid.retention import EXPIRE_FACES
+from facegrid.v1 import (
+    common_pb2,
+    face_service_pb2,
+    face_service_pb2_grpc,
+    resources_pb2,
+    search_pb2,
+    search_pb2_grpc,
+)
+from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2
 from grpc_helpers import error_info, error_reason, field_violations, jpeg_bytes, rpc_error
 
 F = face_service_pb2
@@ -873,6 +881,77 @@ def test_a_deleted_face_never_comes_back(
         F.SearchFacesByImageRequest(parent="collections/gallery", image=image, context=CONTEXT)
     )
     assert found.face_matches[0].face.subject_id == "obama"
+
+
+def test_faces_past_the_collections_retention_are_removed_and_audited(
+    api: Client, faces: Path, e2e_stack: Stack
+) -> None:
+    too_short = rpc_error(
+        lambda: api.CreateCollection(
+            F.CreateCollectionRequest(
+                collection_id="short-retention",
+                collection=resources_pb2.Collection(
+                    face_retention=duration_pb2.Duration(seconds=1800)
+                ),
+            )
+        )
+    )
+    assert too_short.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "collection.face_retention" in field_violations(too_short)
+    name = f"retained-{uuid.uuid4().hex[:8]}"
+    parent = f"collections/{name}"
+    created = api.CreateCollection(
+        F.CreateCollectionRequest(
+            collection_id=name,
+            collection=resources_pb2.Collection(face_retention=duration_pb2.Duration(seconds=7200)),
+        )
+    ).collection
+    assert created.face_retention.seconds == 7200
+    fresh = (
+        api.IndexFaces(
+            F.IndexFacesRequest(parent=parent, image=photo(faces, "knn/test/obama1.jpg"))
+        )
+        .face_records[0]
+        .face
+    )
+    # Faces enrolled three hours ago (the gateway stamps create_time; SearchService takes
+    # it as given): past the two-hour retention.
+    search_channel = grpc.insecure_channel(e2e_stack.group.services["search"].address)
+    search = search_pb2_grpc.SearchServiceStub(search_channel)
+    rng = np.random.default_rng(5)
+    old = []
+    for _ in range(3):
+        vector = rng.normal(size=created.dimension).astype(np.float32)
+        face = resources_pb2.Face(
+            name=f"{parent}/faces/{uuid.uuid4()}",
+            embedding=common_pb2.Embedding(values=(vector / np.linalg.norm(vector)).tolist()),
+            model_version=created.model_version,
+        )
+        face.create_time.FromSeconds(int(time.time()) - 3 * 3600)
+        old.append(face)
+    search.BatchUpsertFaces(
+        search_pb2.SearchServiceBatchUpsertFacesRequest(parent=parent, faces=old),
+        timeout=DEADLINE_S,
+    )
+    search_channel.close()
+    # The gateway sweeps every second here (gateway.retention_interval_s=1).
+    deadline = time.monotonic() + 30
+    while True:
+        listed = api.ListFaces(F.ListFacesRequest(parent=parent)).faces
+        if [f.name for f in listed] == [fresh.name] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert [f.name for f in listed] == [fresh.name]
+    for face in old:
+        error = rpc_error(lambda face=face: api.GetFace(F.GetFaceRequest(name=face.name)))
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+    records = api.ListAuditRecords(
+        F.ListAuditRecordsRequest(
+            filter=F.AuditRecordFilter(method=EXPIRE_FACES, collection=parent)
+        )
+    ).audit_records
+    assert [(r.principal, r.result_count) for r in records] == [("facegrid:retention", 3)]
+    assert api.GetCollection(F.GetCollectionRequest(name=parent)).collection.face_count == 1
 
 
 def _wait_until_reachable(api: Client, collection: str) -> None:

@@ -4,14 +4,22 @@ delete acknowledged by one is what the other answers on its very next call
 
 from __future__ import annotations
 
+import asyncio
+import time
+import uuid
 from collections.abc import Iterator
 
 import grpc
 import pytest
 from conftest import ServiceProcess, start_service
-from facegrid.v1 import search_pb2, search_pb2_grpc
+from facegrid.config import TlsSettings
+from facegrid.identification.downstream import Downstream
+from facegrid.retention import Removal
+from facegrid.v1 import resources_pb2, search_pb2, search_pb2_grpc
+from facegrid_gateway.retention import FaceExpiry
+from google.protobuf import duration_pb2
 from grpc_helpers import DEADLINE_S, rpc_error
-from test_search_service import Gallery
+from test_search_service import DIM, MODEL, Gallery, calibration, embedding, unit
 
 S = search_pb2
 
@@ -79,6 +87,90 @@ def test_a_delete_through_one_replica_is_seen_by_the_other_at_once(
             assert made.search(made.vectors[3], top_k=1)[0].face.face_id == made.face_ids[3]
         finally:
             made.delete()
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+def test_faces_expired_through_one_replica_are_gone_from_the_other(
+    replicas: tuple[ServiceProcess, ServiceProcess],
+) -> None:
+    channels: list[grpc.Channel] = []
+    try:
+        writer, reader = (_stub(service, channels) for service in replicas)
+        collection_id = f"r{uuid.uuid4().hex[:12]}"
+        parent = f"collections/{collection_id}"
+        writer.CreateCollection(
+            S.SearchServiceCreateCollectionRequest(
+                collection_id=collection_id,
+                collection=resources_pb2.Collection(
+                    dimension=DIM,
+                    model_version=MODEL,
+                    similarity_calibration=calibration(),
+                    face_retention=duration_pb2.Duration(seconds=3600),
+                ),
+            ),
+            timeout=DEADLINE_S,
+        )
+        vectors = unit(10, seed=33)
+        ids = [str(uuid.UUID(int=33 * 10**6 + i)) for i in range(10)]
+        now = int(time.time())
+        faces = []
+        for i in range(10):
+            face = resources_pb2.Face(
+                name=f"{parent}/faces/{ids[i]}",
+                model_version=MODEL,
+                embedding=embedding(vectors[i]),
+            )
+            # Six enrolled two hours ago (past the retention), four just now.
+            face.create_time.FromSeconds(now - 7200 if i < 6 else now)
+            faces.append(face)
+        writer.BatchUpsertFaces(
+            S.SearchServiceBatchUpsertFacesRequest(parent=parent, faces=faces), timeout=DEADLINE_S
+        )
+
+        async def sweep() -> list[Removal]:
+            # The gateway's sweep (its channels made in this loop), to the first replica.
+            downstream = Downstream(
+                detection_address="127.0.0.1:1",
+                embedding_address="127.0.0.1:1",
+                search_address=replicas[0].address,
+                timeout_s=DEADLINE_S,
+                max_message_bytes=4 << 20,
+                tls_settings=TlsSettings(),
+            )
+            try:
+                return await FaceExpiry(downstream, DEADLINE_S).sweep(time.time())
+            finally:
+                await downstream.close()
+
+        removals = asyncio.run(sweep())
+        assert [(r.collection, r.count) for r in removals if r.collection == parent] == [
+            (parent, 6)
+        ]
+        # The other replica's very next calls do not return them.
+        for i in range(10):
+            reply = reader.SearchFaces(
+                S.SearchServiceSearchFacesRequest(
+                    parent=parent, queries=[embedding(vectors[i])], model_version=MODEL, top_k=10
+                ),
+                timeout=DEADLINE_S,
+            )
+            found = {m.face.face_id for m in reply.results[0].matches}
+            assert found == set(ids[6:]), i
+        listed = reader.ListFaces(
+            S.SearchServiceListFacesRequest(parent=parent, page_size=100), timeout=DEADLINE_S
+        )
+        assert sorted(f.face_id for f in listed.faces) == sorted(ids[6:])
+        error = rpc_error(
+            lambda: reader.GetFace(
+                S.SearchServiceGetFaceRequest(name=f"{parent}/faces/{ids[0]}"), timeout=DEADLINE_S
+            )
+        )
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        writer.DeleteCollection(
+            S.SearchServiceDeleteCollectionRequest(name=parent, force=True), timeout=DEADLINE_S
+        )
     finally:
         for channel in channels:
             channel.close()

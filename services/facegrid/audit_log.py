@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
+import fcntl
+import hashlib
+import os
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -110,6 +114,12 @@ class AuditLog(Protocol):
         """The newest record (the chain's head); None while the log is empty."""
         ...
 
+    def exclusive(self, task: str) -> contextlib.AbstractAsyncContextManager[bool]:
+        """Enter with True if no other writer of this log (in any process) is doing
+        ``task`` now, then hold it until exit; with False, at once, if one is. What
+        replicas sharing the log use so that one of them does a periodic task."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -120,6 +130,12 @@ def open_audit_log(gateway: GatewaySettings) -> AuditLog:
 
         return PostgresAuditLog(gateway.audit_database_url)
     return SqliteAuditLog(gateway.audit_path)
+
+
+def lock_key(task: str) -> int:
+    """A signed 64-bit key for ``task`` (PostgreSQL's advisory locks take a bigint)."""
+    digest = hashlib.sha256(f"facegrid-task:{task}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def check_tail(rows: Iterable[Sequence[object]]) -> None:
@@ -246,6 +262,7 @@ class SqliteAuditLog:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
         self._db = sqlite3.connect(
             path, check_same_thread=False, isolation_level=None, timeout=_BUSY_TIMEOUT_S
         )
@@ -324,6 +341,23 @@ class SqliteAuditLog:
         with self._thread_lock:
             rows = self._db.execute(sql, (*values, size + 1)).fetchall()
         return page_of(rows, size)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, task: str) -> AsyncIterator[bool]:
+        # Writers of one SQLite file share a machine: a lock file beside it serves.
+        lock_path = self._path.with_name(
+            f"{self._path.name}.{lock_key(task) & 0xFFFFFFFF:08x}.lock"
+        )
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # releases the lock
 
     def rows(self) -> builtins.list[tuple[object, ...]]:
         """Every stored row in log order, as stored (what a migration copies)."""

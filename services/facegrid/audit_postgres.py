@@ -23,9 +23,10 @@ next call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TypeVar
 
 import psycopg
@@ -43,6 +44,7 @@ from facegrid.audit_log import (
     filter_clauses,
     index_columns,
     insert_statement,
+    lock_key,
     may_repeat,
     next_record,
     page_of,
@@ -218,6 +220,21 @@ class PostgresAuditLog:
             lambda c: c.execute(query, (*values, size + 1)).fetchall(),
         )
         return page_of(rows, size)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, task: str) -> AsyncIterator[bool]:
+        # A session-level advisory lock on a connection of its own, held while the task
+        # runs; it goes with the connection if this process dies.
+        connection = await asyncio.to_thread(connect, self._url)
+        try:
+            row = await asyncio.to_thread(
+                lambda: connection.execute(
+                    "SELECT pg_try_advisory_lock(%s)", (lock_key(task),)
+                ).fetchone()
+            )
+            yield bool(row and row[0])
+        finally:
+            await asyncio.to_thread(connection.close)
 
     def close(self) -> None:
         with self._thread_lock:

@@ -261,6 +261,14 @@ class GatewaySettings(Section):
         "libpq URL (postgresql://user@host:port/db); keep the password out of it (PGPASSFILE "
         "or PGPASSWORD). Empty: SQLite at audit_path.",
     )
+    retention_interval_s: float = Field(
+        600.0,
+        gt=0,
+        le=3600,
+        description="How often faces older than their collection's face_retention are "
+        "deleted, each deletion recorded in the audit log (by one gateway replica at a "
+        "time). At most 1 h: the contract promises removal within an hour of expiry.",
+    )
     audit_signing_key_file: Path = Field(
         Path("var/audit-signing.key"),
         description="Ed25519 private key (PEM) that signs audit checkpoints; created (mode "
@@ -406,7 +414,15 @@ class IngestSettings(Section):
     event_max_age_s: float = Field(
         30 * 24 * 3600.0,
         gt=0,
-        description="Match events (with their best-shot chips) are deleted after this.",
+        description="Match events (with their best-shot chips) older than this are erased "
+        "every event_retention_interval_s, each sweep recorded in the audit log. The "
+        "stream's own age limit, a day later, is the backstop should no replica sweep.",
+    )
+    event_retention_interval_s: float = Field(
+        600.0,
+        gt=0,
+        le=3600,
+        description="How often expired match events are erased (by one ingest replica at a time).",
     )
     event_max_bytes: int = Field(
         10 * 1024**3, gt=0, description="The event stream's size limit; oldest deleted first."

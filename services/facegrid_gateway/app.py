@@ -38,6 +38,7 @@ from facegrid.identification.faces import FacePipeline, cosines, without_chip
 from facegrid.identification.flow import Identifier
 from facegrid.identification.policy import QualityPolicy, ThresholdPolicy, check_requested
 from facegrid.quotas import Quotas, open_quota_store
+from facegrid.retention import RetentionSchedule
 from facegrid.server import (
     FacegridServer,
     ServiceRegistration,
@@ -53,6 +54,9 @@ from facegrid.v1 import (
 )
 from google.protobuf.message import Message
 
+from facegrid_gateway.retention import TASK as FACE_RETENTION_TASK
+from facegrid_gateway.retention import FaceExpiry
+
 log = logging.getLogger(__name__)
 
 F = face_service_pb2
@@ -65,6 +69,8 @@ MAX_INDEX_FACES = 100
 MAX_MATCHES = 4096
 DEFAULT_MATCHES = 10
 MAX_SUBJECT_MATCHES = 1000
+# A retention sweep's calls to SearchService (one PurgeFaces may remove many faces).
+SWEEP_TIMEOUT_S = 300.0
 # Face and image ids of an IndexFaces call with a request_id are derived from it.
 _FACE_ID_NAMESPACE = uuid.UUID("5b0c3f7e-2a9d-4c61-9d0e-6f1f0f7c2b10")
 
@@ -756,8 +762,17 @@ async def serve(settings: Settings) -> None:
         settings.tls,
     )
 
+    expiry = RetentionSchedule(
+        FACE_RETENTION_TASK,
+        audit_log,
+        FaceExpiry(downstream, SWEEP_TIMEOUT_S).sweep,
+        gateway.retention_interval_s,
+    )
+
     async def on_stop() -> None:
+        await expiry.stop()
         await downstream.close()
         audit_log.close()
 
+    expiry.start()
     await run_until_stopped(server, on_stop)

@@ -41,6 +41,7 @@ from facegrid.identification.flow import Identifier
 from facegrid.identification.policy import QualityPolicy, ThresholdPolicy
 from facegrid.imaging import decode_image
 from facegrid.metrics import INGEST_CONSUMER_LAG, INGEST_FRAMES
+from facegrid.retention import EXPIRE_MATCH_EVENTS, Removal, RetentionSchedule
 from facegrid.server import (
     FacegridServer,
     ServiceRegistration,
@@ -63,6 +64,9 @@ SP = I.StreamProcessor
 VS = I.VideoSource
 Context: TypeAlias = grpc.aio.ServicerContext
 SERVICE_NAME = "facegrid.v1.IngestService"
+EVENT_RETENTION_TASK = "event-retention"
+# The event stream's own age limit is this much past the audited retention sweep's.
+EVENT_RETENTION_BACKSTOP_S = 24 * 3600.0
 HEARTBEAT_S = 30.0
 RESOURCE = "facegrid.v1.StreamProcessor"
 
@@ -644,6 +648,22 @@ class _Sampler:
         return True
 
 
+class EventExpiry:
+    """``sweep(now)``: erase the match events older than the retention; how many."""
+
+    def __init__(self, events: EventLog, max_age_s: float) -> None:
+        self._events = events
+        self._max_age_s = max_age_s
+
+    async def sweep(self, now: float) -> list[Removal]:
+        cutoff = now - self._max_age_s
+        erased = await self._events.expire(cutoff)
+        return [
+            Removal(EXPIRE_MATCH_EVENTS, "", f"streamProcessors/{processor}", count, cutoff)
+            for processor, count in sorted(erased.items())
+        ]
+
+
 async def serve(settings: Settings) -> None:
     ingest = settings.ingest
     gateway = settings.gateway
@@ -670,7 +690,8 @@ async def serve(settings: Settings) -> None:
     js = nc.jetstream()
     events = await EventLog.open(
         nc,
-        max_age_s=ingest.event_max_age_s,
+        # The sweep below erases (and audits) at event_max_age_s; this is its backstop.
+        max_age_s=ingest.event_max_age_s + EVENT_RETENTION_BACKSTOP_S,
         max_bytes=ingest.event_max_bytes,
         replicas=ingest.event_replicas,
     )
@@ -709,10 +730,18 @@ async def serve(settings: Settings) -> None:
         ingest.max_concurrent_rpcs,
         settings.tls,
     )
+    expiry = RetentionSchedule(
+        EVENT_RETENTION_TASK,
+        audit_log,
+        EventExpiry(events, ingest.event_max_age_s).sweep,
+        ingest.event_retention_interval_s,
+    )
     await replica.start()
+    expiry.start()
     log.info("ingest replica %s", replica_id)
 
     async def on_stop() -> None:
+        await expiry.stop()
         # Hand every source over before exiting, so others take them at once.
         await replica.stop()
         await downstream.close()

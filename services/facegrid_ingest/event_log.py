@@ -506,6 +506,38 @@ class EventLog:
         _raise_api_error(body)
         return erased + int(body.get("purged", 0))
 
+    async def expire(self, before: float) -> dict[str, int]:
+        """Erase every event stored before ``before`` (Unix time), payloads overwritten
+        on disk as by :meth:`purge`; how many, per processor id.
+
+        Events are in time order in the stream, so this reads from the oldest and stops
+        at the first one that is young enough.
+        """
+        info = await self.js.stream_info(self.stream)
+        erased: dict[str, int] = {}
+        if not info.state.messages:
+            return erased
+        filters = [f"{self.subject_prefix}.>"]
+        async with _PullReader(
+            self, filters, after=0, headers_only=True, max_batch=self.page_batch
+        ) as reader:
+            pending = await reader.create()
+            while pending:
+                batch = await reader.pull_now(self.page_batch)
+                if not batch:
+                    break
+                pending = batch[-1].metadata.num_pending
+                old = [m for m in batch if _reply_time(m) < before]
+                done = await asyncio.gather(*(self._erase(m.metadata.sequence.stream) for m in old))
+                for msg, was_erased in zip(old, done, strict=True):
+                    if was_erased:
+                        event = self._parse(msg.subject, 0, 0.0, None, None)
+                        processor = event.processor_id if event is not None else ""
+                        erased[processor] = erased.get(processor, 0) + 1
+                if len(old) < len(batch):
+                    break
+        return erased
+
     async def _erase(self, sequence: int) -> bool:
         try:
             # Without ``no_erase`` the server overwrites the message in its block file.

@@ -59,7 +59,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
             violations.append(("collection.metric", "unknown metric"))
         if violations:
             raise invalid_arguments(violations)
-        convert.check_collection_fields(given, field_masks.COLLECTION_UPDATABLE)
+        convert.check_collection_fields(
+            given, (*field_masks.COLLECTION_UPDATABLE, "face_retention")
+        )
         Calibration.from_proto(given.similarity_calibration, "collection.similarity_calibration")
         stored = resources_pb2.Collection()
         stored.CopyFrom(given)

@@ -44,6 +44,8 @@ def collection_definition(collection: resources_pb2.Collection) -> dict[str, Any
 
 MAX_DISPLAY_NAME = 256
 MAX_DESCRIPTION = 2000
+MIN_FACE_RETENTION_S = 3600
+MAX_FACE_RETENTION_S = 100 * 365 * 24 * 3600
 
 
 def check_collection_fields(
@@ -59,6 +61,16 @@ def check_collection_fields(
         value = collection.min_match_threshold
         if not (math.isfinite(value) and 0 <= value <= 100):
             violations.append((f"{prefix}.min_match_threshold", f"must be 0 to 100, got {value}"))
+    if "face_retention" in paths and collection.HasField("face_retention"):
+        retention = collection.face_retention
+        seconds = retention.seconds + retention.nanos / 1e9
+        if not MIN_FACE_RETENTION_S <= seconds <= MAX_FACE_RETENTION_S:
+            violations.append(
+                (
+                    f"{prefix}.face_retention",
+                    f"must be 1 hour to 100 years, got {seconds:g} s",
+                )
+            )
     if violations:
         raise invalid_arguments(violations)
 
