@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 
+import grpc
 import numpy as np
 import pytest
 from facegrid.config import ImageLimits
 from facegrid.errors import ServiceError
 from facegrid.imaging import decode_image
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 LIMITS = ImageLimits()
@@ -133,3 +137,71 @@ def test_too_many_pixels() -> None:
     with pytest.raises(ServiceError) as caught:
         decode_image(encode(gradient(200, 200), "PNG"), limits)
     assert reason_of(caught.value) == "IMAGE_TOO_MANY_PIXELS"
+
+
+# ---------------------------------------------------------------- fuzzing
+
+# Valid images of every accepted format and colour mode, which hypothesis then cuts,
+# flips bits in, splices and pads: whatever comes of it decodes to RGB pixels within the
+# limits or is refused with INVALID_ARGUMENT and a reason, never anything else.
+_SEEDS = [
+    encode(gradient(), "JPEG"),
+    encode(gradient(), "JPEG", progressive=True),
+    encode(gradient().convert("CMYK"), "JPEG"),
+    encode(gradient(), "PNG"),
+    encode(gradient().convert("RGBA"), "PNG"),
+    encode(gradient().convert("L"), "PNG"),
+    encode(gradient().convert("P"), "PNG"),
+    encode(gradient(), "WEBP"),
+    encode(gradient(), "WEBP", lossless=True),
+]
+_REASONS = {
+    "IMAGE_EMPTY",
+    "IMAGE_TOO_LARGE",
+    "IMAGE_UNSUPPORTED_FORMAT",
+    "IMAGE_CORRUPT",
+    "IMAGE_TOO_MANY_PIXELS",
+}
+SMALL_LIMITS = ImageLimits(max_bytes=64 * 1024, max_side=512, max_pixels=100_000)
+
+
+@st.composite
+def _mutated(draw: st.DrawFn) -> bytes:
+    data = bytearray(draw(st.sampled_from(_SEEDS)))
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["flip", "cut", "insert", "splice", "header"]))
+        at = draw(st.integers(0, max(len(data) - 1, 0)))
+        if kind == "flip" and data:
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "cut":
+            del data[at : at + draw(st.integers(1, 200))]
+        elif kind == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=64))
+        elif kind == "splice":
+            other = draw(st.sampled_from(_SEEDS))
+            data = data[:at] + bytearray(other[draw(st.integers(0, len(other) - 1)) :])
+        else:  # sizes in headers: overwrite bytes near the start
+            data[at % 32 : at % 32 + 4] = draw(st.binary(min_size=4, max_size=4))
+    return bytes(data)
+
+
+# By hand: FACEGRID_FUZZ_EXAMPLES=100000 pytest tests/test_imaging.py -k any_bytes (random).
+_BY_HAND = int(os.environ.get("FACEGRID_FUZZ_EXAMPLES", "0"))
+
+
+@settings(max_examples=_BY_HAND or 2000, deadline=None, database=None, derandomize=not _BY_HAND)
+@given(st.one_of(_mutated(), st.binary(max_size=256)))
+def test_any_bytes_decode_or_are_refused_with_a_reason(data: bytes) -> None:
+    refused: ServiceError | None = None
+    try:
+        decoded = decode_image(data, SMALL_LIMITS)
+    except ServiceError as error:
+        refused = error
+    if refused is not None:
+        assert refused.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert reason_of(refused) in _REASONS, refused
+        return
+    assert decoded.pixels.dtype == np.uint8
+    assert decoded.pixels.ndim == 3
+    assert decoded.pixels.shape[2] == 3
+    assert decoded.width * decoded.height <= SMALL_LIMITS.max_pixels
