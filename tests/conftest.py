@@ -24,6 +24,11 @@ FACES_ENV = "FACEGRID_TEST_FACES"
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``last`` run after all others, in their order."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
 def faces_dir() -> Path | None:
     """../shared/data/faces beside the project (or $FACEGRID_TEST_FACES), if present."""
     path = Path(os.environ.get(FACES_ENV, SHARED_DATA / "faces"))

@@ -114,6 +114,18 @@ def test_calls_without_valid_credentials_are_unauthenticated(
     wrong = (("authorization", "Bearer not-a-token"),)
     error = rpc_error(lambda: stub.ListCollections(request, timeout=DEADLINE_S, metadata=wrong))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    # A revoked or mistyped token is not echoed back (nor logged: tests/test_secrets.py).
+    unknown = "fgt_" + "x" * 43
+    error = rpc_error(
+        lambda: stub.ListCollections(
+            request, timeout=DEADLINE_S, metadata=(("authorization", f"Bearer {unknown}"),)
+        )
+    )
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert unknown not in (error.details() or "")
+    assert unknown.encode() not in (
+        dict(error.trailing_metadata() or ()).get("grpc-status-details-bin") or b""
+    )
 
 
 def test_each_method_needs_its_scope(channel: grpc.Channel, e2e_stack: Stack) -> None:

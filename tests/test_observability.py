@@ -374,6 +374,11 @@ def test_metrics_count_what_was_sent(
     )
     rpc_error(lambda: api.SearchFaces(missing, timeout=DEADLINE_S, metadata=metadata))
     after = {name: _scrape(stack, name) for name in FACE_SERVICES}
+    for name in FACE_SERVICES:  # no secret or personal data in any label
+        text = repr(after[name])
+        assert stack.token not in text
+        assert JUSTIFICATION not in text
+        assert CASE_ID not in text
 
     def delta(process: str, name: str, **labels: str) -> float:
         return _value(after[process], name, **labels) - _value(before[process], name, **labels)
