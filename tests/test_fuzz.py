@@ -24,8 +24,8 @@ from typing import Any
 import grpc
 import pytest
 from facegrid.audit_chain import verify_chain
-from facegrid.v1 import common_pb2, face_service_pb2, ingest_pb2
-from google.protobuf import descriptor, message, message_factory
+from facegrid.v1 import common_pb2, face_service_pb2, ingest_pb2, resources_pb2
+from google.protobuf import descriptor, message, message_factory, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -33,7 +33,7 @@ from skimage import data
 
 from tests.cluster import all_audit_records
 from tests.fuzz_messages import Vocabulary, message_strategy
-from tests.grpc_helpers import png_bytes
+from tests.grpc_helpers import field_violations, png_bytes
 from tests.ingest_helpers import IngestStack, ingest_stack
 
 F = face_service_pb2
@@ -350,3 +350,64 @@ def test_generated_requests_end_ok_or_with_a_documented_status(
         target.stack.metadata(),  # type: ignore[arg-type]
     )
     assert verify_chain(records).intact
+
+
+# ---------------------------------------------------------------- found by fuzzing
+
+
+def _refused(call: Callable[[], object]) -> grpc.RpcError:
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error
+    raise AssertionError("accepted")
+
+
+def test_regressions_found_by_fuzzing_are_invalid_argument(target: Target) -> None:
+    md = target.stack.metadata()
+    faces, ingest = target.stack.faces, target.stack.ingest
+    infinite = struct_pb2.Struct()
+    infinite.update({"height": float("inf")})
+    bad_time = common_pb2.TimeRange()
+    bad_time.start_time.nanos = -1303
+    far = I.StreamProcessor(collection="collections/fuzz")
+    far.max_event_delay.seconds = 2**62
+    cases = {
+        # json_format cannot write an infinity: was INTERNAL.
+        "subject.metadata": lambda: faces.CreateSubject(
+            F.CreateSubjectRequest(
+                parent="collections/fuzz",
+                subject_id="infinite",
+                subject=resources_pb2.Subject(metadata=infinite),
+            ),
+            metadata=md,
+            timeout=CALL_TIMEOUT_S,
+        ),
+        # Negative nanos: Timestamp.ToMicroseconds raised ValueError, was INTERNAL.
+        "filter.create_time_range.start_time": lambda: faces.ListAuditRecords(
+            F.ListAuditRecordsRequest(filter=F.AuditRecordFilter(create_time_range=bad_time)),
+            metadata=md,
+            timeout=CALL_TIMEOUT_S,
+        ),
+        "filter.create_time_range": lambda: faces.ListFaces(
+            F.ListFacesRequest(
+                parent="collections/fuzz",
+                filter=resources_pb2.FaceFilter(create_time_range=bad_time),
+            ),
+            metadata=md,
+            timeout=CALL_TIMEOUT_S,
+        ),
+        # A Duration of 2**62 s overflowed timedelta: was INTERNAL.
+        "stream_processor.max_event_delay": lambda: ingest.CreateStreamProcessor(
+            I.CreateStreamProcessorRequest(stream_processor_id="far", stream_processor=far),
+            metadata=md,
+            timeout=CALL_TIMEOUT_S,
+        ),
+    }
+    for field, call in cases.items():
+        error = _refused(call)
+        assert error.code() == C.INVALID_ARGUMENT, (field, error.details())
+        assert any(name.startswith(field) for name in field_violations(error)), (
+            field,
+            field_violations(error),
+        )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import itertools
 import os
 import shutil
@@ -23,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import av
 import grpc
 import nats
 import nats.js.errors
@@ -47,9 +45,12 @@ from tests.ingest_helpers import (
     LEASE_S,
     MIRANDA,
     IngestStack,
+    clip_jpegs,
     enrol,
     identification_context,
     ingest_stack,
+    push_visit,
+    wait_events,
 )
 from tests.media_servers import HttpFileServer, RtspServer
 
@@ -295,55 +296,6 @@ def test_bad_processors_are_refused_with_the_field(stack: IngestStack, watchlist
     s.ingest.ListStreamProcessors(I.ListStreamProcessorsRequest(), metadata=md, timeout=30)
 
 
-def _clip_jpegs(count: int = 5, fps: float = 2.0, start_s: float = 4.5) -> list[bytes]:
-    """Frames of the clip at ``fps`` from ``start_s``, as JPEG: he faces the camera from
-    about 5 s on (the file source's event is at frame 150)."""
-    out: list[bytes] = []
-    with av.open(str(CLIP)) as container:
-        stream = container.streams.video[0]
-        next_time = start_s
-        for frame in container.decode(stream):
-            if frame.time is None or frame.time + 1e-6 < next_time:
-                continue
-            buffer = io.BytesIO()
-            frame.to_image().save(buffer, format="JPEG", quality=90)
-            out.append(buffer.getvalue())
-            next_time += 1.0 / fps
-            if len(out) == count:
-                break
-    return out
-
-
-def _push_visit(
-    s: IngestStack, name: str, source_id: str, frames: list[bytes], start: float, first_seq: int
-) -> I.PushFramesResponse:
-    """One visit of him: his frames at 2 fps from capture time ``start``, paced so the
-    pipeline keeps up."""
-
-    def messages() -> Iterator[I.PushFramesRequest]:
-        for index, jpeg in enumerate(frames):
-            message = I.PushFramesRequest(
-                stream_processor=name if index == 0 else "",
-                source_id=source_id if index == 0 else "",
-                frame=jpeg,
-                sequence_number=first_seq + index,
-            )
-            message.capture_time.FromNanoseconds(int((start + index * 0.5) * 1e9))
-            yield message
-            time.sleep(0.4)
-
-    response: I.PushFramesResponse = s.ingest.PushFrames(
-        messages(), metadata=s.metadata(), timeout=120
-    )
-    return response
-
-
-def _wait_events(events: list[I.MatchEvent], count: int, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while len(events) < count and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-
 def test_pushed_frames_make_events_and_a_subscriber_resumes_from_its_cursor(
     stack: IngestStack, watchlist: str
 ) -> None:
@@ -362,25 +314,25 @@ def test_pushed_frames_make_events_and_a_subscriber_resumes_from_its_cursor(
         timeout=CALL_TIMEOUT_S,
     ).stream_processor.name
     s.ingest.StartStreamProcessor(I.StartStreamProcessorRequest(name=name), metadata=md, timeout=30)
-    frames = _clip_jpegs()
+    frames = clip_jpegs()
     live: list[I.MatchEvent] = []
     thread, call = _collect(s, I.StreamMatchEventsRequest(stream_processor=name), live)
     time.sleep(1.0)
     base = time.time()
-    first = _push_visit(s, name, "door:1", frames, base, 1)
+    first = push_visit(s, name, "door:1", frames, base, 1)
     assert first.frames_received == len(frames)
     assert first.frames_received == (
         first.frames_accepted + first.frames_skipped + first.frames_dropped + first.frames_rejected
     )
     assert first.frames_accepted >= 3
-    _wait_events(live, 1)
+    wait_events(live, 1)
     assert len(live) == 1, "one visit, one track, one event"
     cursor = live[0].cursor
     call.cancel()  # the subscriber goes away (a network failure) ...
     thread.join(10)
     # ... while he comes back twice: two more tracks (10 s apart), two more events.
-    _push_visit(s, name, "door:1", frames, base + 10, 100)
-    _push_visit(s, name, "door:1", frames, base + 20, 200)
+    push_visit(s, name, "door:1", frames, base + 10, 100)
+    push_visit(s, name, "door:1", frames, base + 20, 200)
     time.sleep(2.0)
     resumed: list[I.MatchEvent] = []
     thread, call = _collect(
@@ -392,7 +344,7 @@ def test_pushed_frames_make_events_and_a_subscriber_resumes_from_its_cursor(
         ),
         resumed,
     )
-    _wait_events(resumed, 2)
+    wait_events(resumed, 2)
     time.sleep(2.0)  # nothing more comes
     call.cancel()
     thread.join(10)
@@ -420,7 +372,7 @@ def test_bad_pushed_frames_are_counted_and_the_stream_goes_on(
         metadata=md,
         timeout=CALL_TIMEOUT_S,
     ).stream_processor.name
-    frame = _clip_jpegs(1)[0]
+    frame = clip_jpegs(1)[0]
     stopped = I.PushFramesRequest(
         stream_processor=name, source_id="door-2", frame=frame, sequence_number=1
     )
@@ -557,7 +509,7 @@ def test_a_camera_over_rtsp_alerts_suppresses_repeats_and_survives_an_outage(
             I.StartStreamProcessorRequest(name=name), metadata=md, timeout=30
         )
         _wait_state(s, name, {I.VideoSource.STATE_STREAMING}, timeout_s=30)
-        _wait_events(events, 1, timeout_s=40)
+        wait_events(events, 1, timeout_s=40)
         assert len(events) == 1
         event = events[0]
         assert event.matches[0].face.subject_id == "lin-manuel-miranda"
@@ -828,7 +780,7 @@ def test_a_push_stream_moved_to_another_replica_takes_the_source_over(
         s.ingest.StartStreamProcessor(
             I.StartStreamProcessorRequest(name=name), metadata=md, timeout=30
         )
-        frames = _clip_jpegs()
+        frames = clip_jpegs()
 
         def endless(first_seq: int) -> Iterator[I.PushFramesRequest]:
             for index in itertools.count():

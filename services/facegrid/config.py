@@ -418,6 +418,13 @@ class IngestSettings(Section):
         "every event_retention_interval_s, each sweep recorded in the audit log. The "
         "stream's own age limit, a day later, is the backstop should no replica sweep.",
     )
+    erasure_interval_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="How often the match events that name a deleted face, subject or "
+        "collection are erased (one ingest replica at a time, following the audit log).",
+    )
     event_retention_interval_s: float = Field(
         600.0,
         gt=0,

@@ -42,6 +42,7 @@ class Removal:
     target: str  # the processor (events), empty for faces
     count: int
     cutoff: float  # Unix time: what was created before it was removed (logged)
+    resources: tuple[str, ...] = ()  # names of what was removed, if few enough to list
 
 
 Sweep = Callable[[float], Awaitable[Sequence[Removal]]]
@@ -57,9 +58,11 @@ class RetentionSchedule:
         sweep: Sweep,
         interval_s: float,
         *,
+        principal: str = PRINCIPAL,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._task = task
+        self._principal = principal
         self._audit_log = audit_log
         self._sweep = sweep
         self._interval_s = interval_s
@@ -103,7 +106,8 @@ class RetentionSchedule:
             records = []
             for removal in removals:
                 if removal.count:
-                    records.append(await self._audit_log.append(audit_record(removal, now)))
+                    record = audit_record(removal, now, self._principal)
+                    records.append(await self._audit_log.append(record))
                     log.info(
                         "retention: %d removed (%s %s), created before %s",
                         removal.count,
@@ -114,14 +118,17 @@ class RetentionSchedule:
             return records
 
 
-def audit_record(removal: Removal, now: float) -> face_service_pb2.AuditRecord:
-    """The record of a removal: what, how many, created before when; no content."""
+def audit_record(
+    removal: Removal, now: float, principal: str = PRINCIPAL
+) -> face_service_pb2.AuditRecord:
+    """The record of a removal: what, where, how many; no content."""
     record = face_service_pb2.AuditRecord(
-        principal=PRINCIPAL,
+        principal=principal,
         method=removal.method,
         collection=removal.collection,
         target=removal.target,
         result_count=removal.count,
+        result_resources=removal.resources,
     )
     record.create_time.CopyFrom(timestamp(now))
     return record

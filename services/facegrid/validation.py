@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from facegrid.errors import invalid_argument, invalid_arguments
 from facegrid.v1 import common_pb2
@@ -16,6 +16,9 @@ Purpose = common_pb2.IdentificationContext.Purpose
 MAX_CASE_ID = 128
 MAX_JUSTIFICATION = 2000
 MAX_METADATA_BYTES = 8 * 1024
+# The range RFC 3339 (and so protobuf's Timestamp) can express: years 1 to 9999.
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
 
 
 def identification_context(
@@ -62,7 +65,36 @@ def request_id(value: str, field: str = "request_id") -> uuid.UUID | None:
         raise invalid_argument(field, "must be a UUID") from None
 
 
+def timestamp(value: timestamp_pb2.Timestamp, field: str) -> float:
+    """A valid Timestamp (years 1 to 9999, nanos 0 to 999,999,999) as Unix seconds."""
+    if not (
+        MIN_TIMESTAMP_SECONDS <= value.seconds <= MAX_TIMESTAMP_SECONDS
+        and 0 <= value.nanos <= 999_999_999
+    ):
+        raise invalid_argument(
+            field, f"not a valid timestamp (seconds {value.seconds}, nanos {value.nanos})"
+        )
+    return value.seconds + value.nanos / 1e9
+
+
+def time_range(value: common_pb2.TimeRange, field: str) -> tuple[float | None, float | None]:
+    """The set ends of a TimeRange as Unix seconds, checked: valid, end not before start."""
+    start = (
+        timestamp(value.start_time, f"{field}.start_time") if value.HasField("start_time") else None
+    )
+    end = timestamp(value.end_time, f"{field}.end_time") if value.HasField("end_time") else None
+    if start is not None and end is not None and end < start:
+        raise invalid_argument(field, "end_time is before start_time")
+    return start, end
+
+
 def metadata(value: struct_pb2.Struct, field: str = "metadata") -> None:
-    size = len(json_format.MessageToJson(value, indent=None).encode())
+    try:
+        text = json_format.MessageToJson(value, indent=None)
+    except ValueError:  # NaN or an infinity: JSON has no such numbers
+        raise invalid_argument(
+            field, "numbers must be finite (JSON has no NaN or Infinity)"
+        ) from None
+    size = len(text.encode())
     if size > MAX_METADATA_BYTES:
         raise invalid_argument(field, f"at most {MAX_METADATA_BYTES} bytes as JSON, got {size}")

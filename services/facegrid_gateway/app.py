@@ -684,6 +684,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         self, request: F.ListAuditRecordsRequest, context: Context, audit: AuditDraft
     ) -> F.ListAuditRecordsResponse:
         size = paging.page_size(request.page_size)
+        validation.time_range(request.filter.create_time_range, "filter.create_time_range")
         fingerprint = paging.request_fingerprint(
             "audit", request.filter.SerializeToString(deterministic=True).hex()
         )

@@ -30,7 +30,8 @@ class FaceExpiry:
         for collection in await self._collections():
             if not collection.HasField("face_retention"):
                 continue
-            cutoff = now - collection.face_retention.ToTimedelta().total_seconds()
+            retention = collection.face_retention
+            cutoff = now - (retention.seconds + retention.nanos / 1e9)
             purged: S.SearchServicePurgeFacesResponse = await self._downstream.call(
                 self._downstream.search.PurgeFaces,
                 S.SearchServicePurgeFacesRequest(

@@ -17,7 +17,7 @@ from typing import Any, TypeAlias
 
 import grpc
 import nats
-from facegrid import paging
+from facegrid import paging, validation
 from facegrid.accountability import AuditDraft, Gatekeeper, guarded
 from facegrid.audit_log import open_audit_log
 from facegrid.auth import SCOPE_INGEST_ADMIN, SCOPE_INGEST_PUSH, SCOPE_INGEST_WATCH
@@ -51,6 +51,9 @@ from facegrid.server import (
 from facegrid.v1 import ingest_pb2, ingest_pb2_grpc
 
 from facegrid_ingest import checks, urls
+from facegrid_ingest.erasure import PRINCIPAL as ERASURE_PRINCIPAL
+from facegrid_ingest.erasure import TASK as ERASURE_TASK
+from facegrid_ingest.erasure import EventErasure
 from facegrid_ingest.event_log import EventLog, Start, StoredEvent, decode_cursor
 from facegrid_ingest.leases import LeaseManager
 from facegrid_ingest.pipeline import FramePipeline, SampledFrame
@@ -421,11 +424,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
             except ServiceError:
                 reject()
                 return
-            captured = (
-                message.capture_time.ToNanoseconds() / 1e9
-                if message.HasField("capture_time")
-                else time.time()
-            )
+            captured = time.time()
+            if message.HasField("capture_time"):
+                try:
+                    captured = validation.timestamp(message.capture_time, "capture_time")
+                except ServiceError:
+                    reject()  # counted, like an undecodable frame; the stream goes on
+                    return
             if not sampler.keep(captured):
                 counts.frames_skipped += 1
                 return
@@ -548,7 +553,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         if position == R.START_POSITION_START_TIME:
             if not request.HasField("start_time"):
                 raise invalid_argument("start_time", "required with START_POSITION_START_TIME")
-            return Start.since(request.start_time.ToNanoseconds() / 1e9)
+            return Start.since(validation.timestamp(request.start_time, "start_time"))
         raise invalid_argument("start_position", f"unknown start position {position}")
 
     @guarded(SCOPE_INGEST_WATCH, audited=True)
@@ -588,12 +593,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         after = int(paging.decode_page_token(request.page_token, fingerprint) or 0)
         if request.source_id and not checks.SOURCE_ID.fullmatch(request.source_id):
             raise invalid_argument("source_id", "1 to 128 characters of [a-zA-Z0-9_.-:]")
-        start = (
-            time_range.start_time.ToNanoseconds() / 1e9
-            if time_range.HasField("start_time")
-            else None
-        )
-        end = time_range.end_time.ToNanoseconds() / 1e9 if time_range.HasField("end_time") else None
+        start, end = validation.time_range(time_range, "create_time_range")
         found, next_after = await self._events.page(
             processor_id=processor_id,
             source_ids=[request.source_id] if request.source_id else [],
@@ -736,12 +736,21 @@ async def serve(settings: Settings) -> None:
         EventExpiry(events, ingest.event_max_age_s).sweep,
         ingest.event_retention_interval_s,
     )
+    erasure = RetentionSchedule(
+        ERASURE_TASK,
+        audit_log,
+        EventErasure(events, audit_log).sweep,
+        ingest.erasure_interval_s,
+        principal=ERASURE_PRINCIPAL,
+    )
     await replica.start()
     expiry.start()
+    erasure.start()
     log.info("ingest replica %s", replica_id)
 
     async def on_stop() -> None:
         await expiry.stop()
+        await erasure.stop()
         # Hand every source over before exiting, so others take them at once.
         await replica.stop()
         await downstream.close()

@@ -61,7 +61,8 @@ def check_processor_id(value: str, field: str = "stream_processor_id") -> str:
 
 
 def _seconds(value: duration_pb2.Duration) -> float:
-    return float(value.ToTimedelta().total_seconds())
+    # Not ToTimedelta(): any int64 may arrive, and timedelta overflows on large ones.
+    return value.seconds + value.nanos / 1e9
 
 
 def check_processor(

@@ -46,7 +46,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from types import TracebackType
@@ -535,6 +535,31 @@ class EventLog:
                         processor = event.processor_id if event is not None else ""
                         erased[processor] = erased.get(processor, 0) + 1
                 if len(old) < len(batch):
+                    break
+        return erased
+
+    async def erase_where(self, doomed: Callable[[StoredEvent], bool]) -> list[StoredEvent]:
+        """Erase every stored event for which ``doomed(event)`` holds (payloads
+        overwritten on disk, as by :meth:`purge`); those erased. Reads every event."""
+        info = await self.js.stream_info(self.stream)
+        erased: list[StoredEvent] = []
+        if not info.state.messages:
+            return erased
+        last = info.state.last_seq
+        async with _PullReader(
+            self, [f"{self.subject_prefix}.>"], after=0, max_batch=self.page_batch
+        ) as reader:
+            pending = await reader.create()
+            while pending:
+                batch = await reader.pull_now(self.page_batch)
+                if not batch:
+                    break
+                pending = batch[-1].metadata.num_pending
+                events = [self._from_msg(m) for m in batch]
+                chosen = [e for e in events if e is not None and e.sequence <= last and doomed(e)]
+                done = await asyncio.gather(*(self._erase(e.sequence) for e in chosen))
+                erased.extend(e for e, was_erased in zip(chosen, done, strict=True) if was_erased)
+                if batch[-1].metadata.sequence.stream >= last:
                     break
         return erased
 

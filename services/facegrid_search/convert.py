@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from facegrid import names
+from facegrid import names, validation
 from facegrid.errors import invalid_argument, invalid_arguments
 from facegrid.similarity import Calibration
 from facegrid.v1 import common_pb2, resources_pb2
@@ -111,6 +111,8 @@ def face_row(face: resources_pb2.Face, face_id: str, field: str) -> FaceRow:
     for name in ("metadata", "bounding_box", "quality"):
         if face.HasField(name):
             getattr(attrs, name).CopyFrom(getattr(face, name))
+    if face.HasField("create_time"):
+        validation.timestamp(face.create_time, f"{field}.create_time")
     created = face.create_time.ToMicroseconds() if face.HasField("create_time") else now_us()
     return FaceRow(
         face_id=face_id,
@@ -183,10 +185,9 @@ def face_filter(message: resources_pb2.FaceFilter, field: str = "filter") -> Fac
     start = end = None
     if message.HasField("create_time_range"):
         window = message.create_time_range
+        validation.time_range(window, f"{field}.create_time_range")
         start = window.start_time.ToMicroseconds() if window.HasField("start_time") else None
         end = window.end_time.ToMicroseconds() if window.HasField("end_time") else None
-        if start is not None and end is not None and end < start:
-            raise invalid_argument(f"{field}.create_time_range", "end_time is before start_time")
     return FaceFilter(
         subject_ids=values["subject_ids"],
         source_ids=values["source_ids"],
