@@ -61,6 +61,11 @@ def _files_holding(root: Path, needle: bytes) -> list[str]:
     return found
 
 
+def _contents(folder: Path) -> bytes:
+    """Every file under ``folder``, concatenated."""
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+
+
 def _wait_until(condition: object, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():  # type: ignore[operator]
@@ -82,7 +87,18 @@ def test_a_deleted_subject_leaves_no_trace_but_its_receipt(stack: IngestStack) -
             S.SearchServiceGetFaceRequest(name=face.name, view=S.FACE_VIEW_FULL),
             timeout=CALL_TIMEOUT_S,
         )
-    embedding = np.asarray(stored.embedding.values, np.float32).tobytes()
+    embedding = np.asarray(stored.face.embedding.values, np.float32).tobytes()
+    # A restart of search first, as any gallery has had: its rows reach Lite's data
+    # files, and the index snapshot holds the embedding (so the searches below can
+    # find what they look for).
+    snapshot = work / f"{LITE_DIR}.index"
+    snapshots: list[bytes] = []
+    s.stack.group.restart("search", lambda: snapshots.append(_contents(snapshot)))
+    _wait_until(lambda: _reachable(s))
+    assert embedding[:64] in snapshots[0]
+    in_lite = _files_holding(work, embedding[:64])
+    assert in_lite, "the stored embedding is found on disk"
+    assert all(f.startswith(f"{LITE_DIR}/") for f in in_lite), in_lite
     # A match event of him at a door, with its chip.
     processor = s.ingest.CreateStreamProcessor(
         I.CreateStreamProcessorRequest(
@@ -114,8 +130,9 @@ def test_a_deleted_subject_leaves_no_trace_but_its_receipt(stack: IngestStack) -
         I.GetMatchEventRequest(name=event.name, include_chip=True),
         metadata=md,
         timeout=CALL_TIMEOUT_S,
-    ).match_event.face.chip
-    assert chip
+    ).match_event.face.chip.rgb
+    assert len(chip) > 1000
+    chip = chip[len(chip) // 2 : len(chip) // 2 + 256]  # a stretch of its pixels
     assert _files_holding(work / "nats", chip), "the chip is stored (the search below works)"
 
     # The deletion, and its erasure receipt in the audit log.
@@ -146,9 +163,13 @@ def test_a_deleted_subject_leaves_no_trace_but_its_receipt(stack: IngestStack) -
     assert erasure.target == deletion.name
     assert (erasure.result_count, list(erasure.result_resources)) == (1, [event.name])
 
-    # Every service restarted (the search index is written to its snapshot and read back).
+    # Every service restarted; the search index is written to its snapshot, which must
+    # not hold the embedding, and read back.
     for name in list(s.stack.group.services):
-        s.stack.group.restart(name)
+        s.stack.group.restart(
+            name,
+            (lambda: snapshots.append(_contents(snapshot))) if name == "search" else None,
+        )
     _wait_until(lambda: _reachable(s))
     for call in (
         lambda: s.faces.GetSubject(F.GetSubjectRequest(name=subject), metadata=md, timeout=30),
@@ -174,9 +195,9 @@ def test_a_deleted_subject_leaves_no_trace_but_its_receipt(stack: IngestStack) -
     assert not events()
 
     # What is on disk: the snapshot, the logs, NATS's files, everything facegrid wrote.
-    snapshot = work / f"{LITE_DIR}.index"
-    assert snapshot.is_file()
-    assert embedding[:64] not in snapshot.read_bytes()
+    written = snapshots[1]
+    assert b"vectors" in written  # a snapshot of the (now empty) collection
+    assert embedding[:64] not in written
     assert _files_holding(work, chip) == []
     audit = {"audit.db", "audit.db-wal", "audit.db-shm"}
     face_id = face.name.rsplit("/", 1)[1].encode()

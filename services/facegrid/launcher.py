@@ -210,13 +210,16 @@ class ServiceGroup:
             return "ipv4:" + ",".join(addresses)  # round-robin over all of them
         return addresses[0] if addresses else ""
 
-    def restart(self, name: str) -> RunningService:
-        """Stop one instance gracefully (SIGTERM) and start it again on the same ports."""
+    def restart(self, name: str, while_stopped: Callable[[], None] | None = None) -> RunningService:
+        """Stop one instance gracefully (SIGTERM) and start it again on the same ports;
+        ``while_stopped`` runs in between (what the stopped instance left on disk)."""
         service = self.services.pop(name)
         service.process.send_signal(signal.SIGTERM)
         service.process.wait(timeout=self.settings.server.grace_period_s + 10)
         if service.process.returncode != 0:
             raise RuntimeError(f"{name} exited with {service.process.returncode} on SIGTERM")
+        if while_stopped is not None:
+            while_stopped()
         host, port = service.address.rsplit(":", 1)
         return self.start(
             service.kind,
