@@ -5,18 +5,21 @@ a restart, and plaintext is refused anywhere but on a loopback address."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import nats
 import pytest
 import trustme
 from conftest import (
@@ -30,6 +33,8 @@ from conftest import (
 from cryptography import x509
 from facegrid import tls
 from facegrid.auth import bearer_metadata
+from facegrid.config import TlsSettings
+from facegrid.nats_server import NatsServer
 from facegrid.v1 import (
     common_pb2,
     face_service_pb2,
@@ -38,6 +43,7 @@ from facegrid.v1 import (
     search_pb2,
     search_pb2_grpc,
 )
+from facegrid_ingest.event_log import EventLog
 from grpc_helpers import rpc_error
 
 F = face_service_pb2
@@ -304,3 +310,58 @@ def test_every_hop_of_a_search_is_tls(pki: Pki, tls_stack: Stack) -> None:
     for credentials in (None, caller):
         error = rpc_error(lambda c=credentials: _list_collections(search, c))  # type: ignore[misc]
         assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# ---------------------------------------------------------------- NATS
+
+
+def test_nats_with_mutual_tls_serves_only_clients_with_a_certificate_of_its_ca(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """The event store's hop: nats-server with --tlsverify, ingest's client context
+    (facegrid.tls.client_ssl_context) from the same tls.* settings as its gRPC calls."""
+    client = TlsSettings(
+        ca_file=str(pki.ca_file),
+        client_cert_file=str(pki.client.cert),
+        client_key_file=str(pki.client.key),
+    )
+    intruder = TlsSettings(
+        ca_file=str(pki.ca_file),
+        client_cert_file=str(pki.other_client.cert),
+        client_key_file=str(pki.other_client.key),
+    )
+    with NatsServer(
+        tmp_path / "nats", tls_cert=pki.server.cert, tls_key=pki.server.key, tls_ca=pki.ca_file
+    ) as server:
+        assert server.url.startswith("tls://")
+
+        async def body() -> None:
+            nc = await nats.connect(
+                server.url, tls=tls.client_ssl_context(client), max_reconnect_attempts=0
+            )
+            try:
+                events = await EventLog.open(nc, max_age_s=60, max_bytes=1 << 20)
+                await events.publish("proc-a", "cam-1", str(uuid.uuid4()), b"over tls")
+                page, _ = await events.page(processor_id="proc-a", limit=10)
+                assert [e.payload for e in page] == [b"over tls"]
+            finally:
+                await nc.close()
+            for refused in (
+                None,  # plaintext
+                tls.client_ssl_context(TlsSettings(ca_file=str(pki.ca_file))),  # no cert
+                tls.client_ssl_context(intruder),  # a certificate of another CA
+            ):
+                with pytest.raises(Exception):  # noqa: B017, PT011 (nats-py's errors vary)
+                    await nats.connect(
+                        server.url.replace("tls://", "nats://") if refused is None else server.url,
+                        tls=refused,
+                        connect_timeout=2,
+                        max_reconnect_attempts=0,
+                        allow_reconnect=False,
+                    )
+
+        asyncio.run(asyncio.wait_for(body(), 60))
+    # Without a CA, ingest connects in plaintext only to a loopback address.
+    tls.check_plaintext_client_allowed("ingest", "nats://127.0.0.1:4222")
+    with pytest.raises(tls.PlaintextRefusedError):
+        tls.check_plaintext_client_allowed("ingest", "nats://nats.facegrid.svc:4222")

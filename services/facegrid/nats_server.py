@@ -67,6 +67,11 @@ class NatsServer:
     port: int | None = None  # the client port; free if None
     monitor_port: int | None = None  # the HTTP monitoring port; free if None
     binary: Path | None = None  # found by find_binary() if None
+    # TLS for clients: certificate and key (PEM); with ``tls_ca``, clients must present
+    # a certificate it issued (mutual TLS). The monitoring port stays plain HTTP.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
     startup_timeout_s: float = 20.0
     stop_timeout_s: float = 10.0
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
@@ -80,7 +85,8 @@ class NatsServer:
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        scheme = "tls" if self.tls_cert is not None else "nats"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def monitor_url(self) -> str:
@@ -107,7 +113,16 @@ class NatsServer:
             str(self.store_dir),
             "-m",
             str(self.monitor_port),
+            *self._tls_arguments(),
         ]
+
+    def _tls_arguments(self) -> list[str]:
+        if self.tls_cert is None or self.tls_key is None:
+            return []
+        arguments = ["--tls", "--tlscert", str(self.tls_cert), "--tlskey", str(self.tls_key)]
+        if self.tls_ca is not None:
+            arguments += ["--tlscacert", str(self.tls_ca), "--tlsverify"]
+        return arguments
 
     def start(self) -> NatsServer:
         if self.process is not None:

@@ -24,7 +24,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import ssl
 import threading
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,29 @@ def channel_credentials(settings: TlsSettings) -> grpc.ChannelCredentials | None
     if key is not None and chain is not None:
         _check_pair(key, chain)
     return grpc.ssl_channel_credentials(_read(settings.ca_file), key, chain)
+
+
+def client_ssl_context(settings: TlsSettings) -> ssl.SSLContext | None:
+    """An SSL context for a client of a server that is not gRPC (NATS): it verifies the
+    server against ``tls.ca_file`` and presents ``tls.client_cert_file`` if set. None
+    without a CA (plaintext)."""
+    if not settings.ca_file:
+        return None
+    context = ssl.create_default_context(cafile=settings.ca_file)
+    if settings.client_cert_file and settings.client_key_file:
+        _check_pair(_read(settings.client_key_file), _read(settings.client_cert_file))
+        context.load_cert_chain(settings.client_cert_file, settings.client_key_file)
+    return context
+
+
+def check_plaintext_client_allowed(name: str, url: str) -> None:
+    """A plaintext connection (no ``tls.ca_file``) only to a loopback address."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if not is_loopback(host):
+        raise PlaintextRefusedError(
+            f"{name}: refusing a plaintext connection to {host}: set tls.ca_file (and "
+            "tls.client_cert_file/tls.client_key_file where the server asks for them)"
+        )
 
 
 def channel(

@@ -17,7 +17,7 @@ from typing import Any, TypeAlias
 
 import grpc
 import nats
-from facegrid import paging, validation
+from facegrid import paging, tls, validation
 from facegrid.accountability import AuditDraft, Gatekeeper, guarded
 from facegrid.audit_log import open_audit_log
 from facegrid.auth import SCOPE_INGEST_ADMIN, SCOPE_INGEST_PUSH, SCOPE_INGEST_WATCH
@@ -683,8 +683,13 @@ async def serve(settings: Settings) -> None:
     identifier = Identifier(
         downstream, FacePipeline(downstream, QualityPolicy(gateway)), ThresholdPolicy(gateway)
     )
+    nats_tls = tls.client_ssl_context(settings.tls)
+    if nats_tls is None and not ingest.nats_url.startswith("tls://"):
+        tls.check_plaintext_client_allowed("ingest", ingest.nats_url)
     try:
-        nc = await nats.connect(ingest.nats_url, connect_timeout=5, max_reconnect_attempts=-1)
+        nc = await nats.connect(
+            ingest.nats_url, tls=nats_tls, connect_timeout=5, max_reconnect_attempts=-1
+        )
     except Exception as error:
         raise RuntimeError(f"cannot reach NATS at {ingest.nats_url}: {error}") from error
     js = nc.jetstream()
