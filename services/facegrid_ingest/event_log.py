@@ -46,7 +46,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from types import TracebackType
@@ -476,26 +476,10 @@ class EventLog:
         meanwhile.
         """
         filters = self.filter_subjects(processor_id, ())
-        info = await self.js.stream_info(self.stream)
-        last = info.state.last_seq
         erased = 0
-        if info.state.messages:
-            async with _PullReader(
-                self, filters, after=0, headers_only=True, max_batch=self.page_batch
-            ) as reader:
-                pending = await reader.create()
-                while pending:
-                    batch = await reader.pull_now(self.page_batch)
-                    if not batch:
-                        break
-                    sequences = [m.metadata.sequence.stream for m in batch]
-                    pending = batch[-1].metadata.num_pending
-                    done = await asyncio.gather(
-                        *(self._erase(seq) for seq in sequences if seq <= last)
-                    )
-                    erased += sum(done)
-                    if sequences[-1] >= last:
-                        break
+        async with contextlib.aclosing(self._stored(filters, headers_only=True)) as batches:
+            async for batch in batches:
+                erased += sum(await self._erase_all([m.metadata.sequence.stream for m in batch]))
         # Anything published while erasing: a plain purge counts and removes it.
         response = await self.nc.request(
             f"{API_PREFIX}.STREAM.PURGE.{self.stream}",
@@ -513,27 +497,16 @@ class EventLog:
         Events are in time order in the stream, so this reads from the oldest and stops
         at the first one that is young enough.
         """
-        info = await self.js.stream_info(self.stream)
         erased: dict[str, int] = {}
-        if not info.state.messages:
-            return erased
-        filters = [f"{self.subject_prefix}.>"]
-        async with _PullReader(
-            self, filters, after=0, headers_only=True, max_batch=self.page_batch
-        ) as reader:
-            pending = await reader.create()
-            while pending:
-                batch = await reader.pull_now(self.page_batch)
-                if not batch:
-                    break
-                pending = batch[-1].metadata.num_pending
+        everything = [f"{self.subject_prefix}.>"]
+        async with contextlib.aclosing(self._stored(everything, headers_only=True)) as batches:
+            async for batch in batches:
                 old = [m for m in batch if _reply_time(m) < before]
-                done = await asyncio.gather(*(self._erase(m.metadata.sequence.stream) for m in old))
+                done = await self._erase_all([m.metadata.sequence.stream for m in old])
                 for msg, was_erased in zip(old, done, strict=True):
-                    if was_erased:
-                        event = self._parse(msg.subject, 0, 0.0, None, None)
-                        processor = event.processor_id if event is not None else ""
-                        erased[processor] = erased.get(processor, 0) + 1
+                    event = self._parse(msg.subject, 0, 0.0, None, None)
+                    if was_erased and event is not None:
+                        erased[event.processor_id] = erased.get(event.processor_id, 0) + 1
                 if len(old) < len(batch):
                     break
         return erased
@@ -541,27 +514,42 @@ class EventLog:
     async def erase_where(self, doomed: Callable[[StoredEvent], bool]) -> list[StoredEvent]:
         """Erase every stored event for which ``doomed(event)`` holds (payloads
         overwritten on disk, as by :meth:`purge`); those erased. Reads every event."""
-        info = await self.js.stream_info(self.stream)
         erased: list[StoredEvent] = []
+        everything = [f"{self.subject_prefix}.>"]
+        async with contextlib.aclosing(self._stored(everything, headers_only=False)) as batches:
+            async for batch in batches:
+                events = [self._from_msg(m) for m in batch]
+                chosen = [e for e in events if e is not None and doomed(e)]
+                done = await self._erase_all([e.sequence for e in chosen])
+                erased.extend(e for e, was_erased in zip(chosen, done, strict=True) if was_erased)
+        return erased
+
+    async def _stored(
+        self, filters: list[str], *, headers_only: bool
+    ) -> AsyncGenerator[list[Msg], None]:
+        """The messages on ``filters`` stored when called, oldest first, a pull at a time
+        (those published meanwhile are left out)."""
+        info = await self.js.stream_info(self.stream)
         if not info.state.messages:
-            return erased
+            return
         last = info.state.last_seq
         async with _PullReader(
-            self, [f"{self.subject_prefix}.>"], after=0, max_batch=self.page_batch
+            self, filters, after=0, headers_only=headers_only, max_batch=self.page_batch
         ) as reader:
             pending = await reader.create()
             while pending:
                 batch = await reader.pull_now(self.page_batch)
                 if not batch:
-                    break
+                    return
                 pending = batch[-1].metadata.num_pending
-                events = [self._from_msg(m) for m in batch]
-                chosen = [e for e in events if e is not None and e.sequence <= last and doomed(e)]
-                done = await asyncio.gather(*(self._erase(e.sequence) for e in chosen))
-                erased.extend(e for e, was_erased in zip(chosen, done, strict=True) if was_erased)
+                within = [m for m in batch if m.metadata.sequence.stream <= last]
+                if within:
+                    yield within
                 if batch[-1].metadata.sequence.stream >= last:
-                    break
-        return erased
+                    return
+
+    async def _erase_all(self, sequences: Sequence[int]) -> list[bool]:
+        return list(await asyncio.gather(*(self._erase(seq) for seq in sequences)))
 
     async def _erase(self, sequence: int) -> bool:
         try:
