@@ -20,10 +20,12 @@ from pathlib import Path
 
 import grpc
 import nats
+import numpy as np
 import pytest
 import trustme
 from conftest import (
     SHARED_DATA,
+    TRITON_VENV,
     Stack,
     inference_overrides,
     start_service,
@@ -33,8 +35,11 @@ from conftest import (
 from cryptography import x509
 from facegrid import tls
 from facegrid.auth import bearer_metadata
-from facegrid.config import TlsSettings
+from facegrid.config import InferenceBackendKind, InferenceSettings, TlsSettings
+from facegrid.errors import ServiceError
+from facegrid.inference import TritonBackend
 from facegrid.nats_server import NatsServer
+from facegrid.triton_server import TritonInstall, TritonServer
 from facegrid.v1 import (
     common_pb2,
     face_service_pb2,
@@ -365,3 +370,55 @@ def test_nats_with_mutual_tls_serves_only_clients_with_a_certificate_of_its_ca(
     tls.check_plaintext_client_allowed("ingest", "nats://127.0.0.1:4222")
     with pytest.raises(tls.PlaintextRefusedError):
         tls.check_plaintext_client_allowed("ingest", "nats://nats.facegrid.svc:4222")
+
+
+# ---------------------------------------------------------------- Triton
+
+
+def test_triton_with_mutual_tls_serves_only_clients_with_a_certificate_of_its_ca(
+    pki: Pki, model_repo: Path, tmp_path: Path
+) -> None:
+    """Detection's and embedding's hop to Triton: tritonserver with --grpc-use-ssl-mutual,
+    the inference backend's channel from the same tls.* settings as any other call."""
+    settings = InferenceSettings(
+        model_repository=model_repo, backend=InferenceBackendKind.TRITON, triton_timeout_s=30
+    )
+    client = TlsSettings(
+        ca_file=str(pki.ca_file),
+        client_cert_file=str(pki.client.cert),
+        client_key_file=str(pki.client.key),
+    )
+    intruder = TlsSettings(
+        ca_file=str(pki.ca_file),
+        client_cert_file=str(pki.other_client.cert),
+        client_key_file=str(pki.other_client.key),
+    )
+    chips = np.zeros((1, 150, 150, 3), np.uint8)
+    with TritonServer(
+        TritonInstall.discover(TRITON_VENV),
+        model_repo,
+        tmp_path / "triton",
+        tls_cert=pki.server.cert,
+        tls_key=pki.server.key,
+        tls_ca=pki.ca_file,
+    ) as server:
+        url = settings.model_copy(update={"triton_url": server.grpc_url})
+
+        async def embed(tls_settings: TlsSettings) -> object:
+            backend = TritonBackend(url, tls_settings)
+            try:
+                return await backend.infer("face_embedder", {"chips": chips}, ["descriptors"])
+            finally:
+                await backend.close()
+
+        result = asyncio.run(embed(client))
+        assert result["descriptors"].shape == (1, 128)  # type: ignore[index]
+        for refused in (TlsSettings(), TlsSettings(ca_file=str(pki.ca_file)), intruder):
+            with pytest.raises(ServiceError) as caught:
+                asyncio.run(embed(refused))
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE, caught.value
+    # Without a CA, a Triton elsewhere than on loopback is refused at start.
+    with pytest.raises(tls.PlaintextRefusedError):
+        TritonBackend(
+            settings.model_copy(update={"triton_url": "triton.facegrid:8001"}), TlsSettings()
+        )

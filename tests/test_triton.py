@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import skimage.data
 import tritonclient.grpc as triton_grpc
-from facegrid.config import InferenceBackendKind, InferenceSettings
+from facegrid.config import InferenceBackendKind, InferenceSettings, TlsSettings
 from facegrid.inference import LocalBackend, TritonBackend
 from facegrid.models.repository import (
     DETECTOR_SPEC,
@@ -68,7 +68,8 @@ def test_triton_and_local_backends_agree(triton: TritonServer, model_repo: Path)
         remote = TritonBackend(
             settings.model_copy(
                 update={"backend": InferenceBackendKind.TRITON, "triton_url": triton.grpc_url}
-            )
+            ),
+            TlsSettings(),
         )
         try:
             results = {}

@@ -21,8 +21,8 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 from opentelemetry.trace import SpanKind
 
-from facegrid import errors, telemetry
-from facegrid.config import InferenceBackendKind, InferenceSettings
+from facegrid import errors, telemetry, tls
+from facegrid.config import InferenceBackendKind, InferenceSettings, TlsSettings
 from facegrid.metrics import INFERENCE_BATCH, INFERENCE_LATENCY
 from facegrid.models.repository import MODEL_VERSION_PARAMETER, onnx_path
 
@@ -98,11 +98,16 @@ class LocalBackend:
 class TritonBackend:
     """A Triton Inference Server over gRPC (tritonclient.grpc.aio)."""
 
-    def __init__(self, settings: InferenceSettings) -> None:
+    def __init__(self, settings: InferenceSettings, tls_settings: TlsSettings) -> None:
         import tritonclient.grpc.aio as triton_aio
 
         self._settings = settings
-        self._client = triton_aio.InferenceServerClient(settings.triton_url)
+        # Over TLS when tls.ca_file is set (presenting tls.client_cert_file if set, for a
+        # Triton started with --grpc-use-ssl-mutual); plaintext only to loopback.
+        credentials = tls.channel_credentials(tls_settings)
+        if credentials is None:
+            tls.check_plaintext_client_allowed("triton", f"grpc://{settings.triton_url}")
+        self._client = triton_aio.InferenceServerClient(settings.triton_url, creds=credentials)
         self._versions: dict[str, str] = {}
 
     async def infer(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
@@ -184,9 +189,11 @@ class InstrumentedBackend:
         await self._inner.close()
 
 
-def create_backend(settings: InferenceSettings, models: list[str]) -> InferenceBackend:
+def create_backend(
+    settings: InferenceSettings, models: list[str], tls_settings: TlsSettings
+) -> InferenceBackend:
     if settings.backend is InferenceBackendKind.TRITON:
-        return InstrumentedBackend(TritonBackend(settings), "triton")
+        return InstrumentedBackend(TritonBackend(settings, tls_settings), "triton")
     return InstrumentedBackend(LocalBackend(settings, models), "onnxruntime")
 
 

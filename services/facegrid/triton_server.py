@@ -15,6 +15,8 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +105,11 @@ class TritonServer:
     # OTLP/HTTP endpoint (http://host:port/v1/traces) for Triton's own OpenTelemetry
     # traces of each inference; it joins the caller's trace from the traceparent header.
     trace_url: str | None = None
+    # TLS on the gRPC port: certificate and key (PEM); with ``tls_ca``, clients must
+    # present a certificate it issued (mutual TLS). HTTP and metrics stay on 127.0.0.1.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
 
     @property
     def grpc_url(self) -> str:
@@ -129,7 +136,20 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--log-verbose=0",
             *self._trace_arguments(),
+            *self._tls_arguments(),
         ]
+
+    def _tls_arguments(self) -> list[str]:
+        if self.tls_cert is None or self.tls_key is None:
+            return []
+        arguments = [
+            "--grpc-use-ssl=true",
+            f"--grpc-server-cert={self.tls_cert}",
+            f"--grpc-server-key={self.tls_key}",
+        ]
+        if self.tls_ca is not None:
+            arguments += [f"--grpc-root-cert={self.tls_ca}", "--grpc-use-ssl-mutual=true"]
+        return arguments
 
     def _trace_arguments(self) -> list[str]:
         if self.trace_url is None:
@@ -174,25 +194,22 @@ class TritonServer:
         return self
 
     def _wait_ready(self) -> None:
-        import tritonclient.grpc as triton_grpc
-
+        # The HTTP port (plain, on 127.0.0.1) answers whether or not gRPC has TLS.
         deadline = time.monotonic() + self.startup_timeout_s
-        client = triton_grpc.InferenceServerClient(self.grpc_url)
-        try:
-            while time.monotonic() < deadline:
-                assert self.process is not None
-                if self.process.poll() is not None:
-                    raise TritonStartError(
-                        f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}"
-                    )
-                try:
-                    if client.is_server_ready(client_timeout=1.0):
+        ready = f"http://127.0.0.1:{self.http_port}/v2/health/ready"
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise TritonStartError(
+                    f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(ready, timeout=1.0) as reply:
+                    if reply.status == 200:
                         return
-                except Exception:
-                    pass
-                time.sleep(0.1)
-        finally:
-            client.close()
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.1)
         raise TritonStartError(
             f"tritonserver not ready after {self.startup_timeout_s:.0f}s:\n{self.log_tail()}"
         )

@@ -149,7 +149,7 @@ def _landmark(
 
 
 async def serve(settings: Settings) -> None:
-    backend = create_backend(settings.inference, [settings.inference.detector_model])
+    backend = create_backend(settings.inference, [settings.inference.detector_model], settings.tls)
     pipeline = DetectionPipeline(settings, backend)
     servicer = DetectionServicer(settings, pipeline)
     server = FacegridServer(

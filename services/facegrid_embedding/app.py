@@ -152,7 +152,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):  # type: i
 
 
 async def serve(settings: Settings) -> None:
-    backend = create_backend(settings.inference, [settings.inference.embedder_model])
+    backend = create_backend(settings.inference, [settings.inference.embedder_model], settings.tls)
     embedder = Embedder(settings, backend)
     embedder.batcher.start()
     QUEUE_DEPTH.labels("embedding_chips").set_function(lambda: embedder.batcher.queued_chips)
