@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import trustme
 from conftest import (
+    MILVUS_VENV,
     SHARED_DATA,
     TRITON_VENV,
     Stack,
@@ -35,9 +36,10 @@ from conftest import (
 from cryptography import x509
 from facegrid import tls
 from facegrid.auth import bearer_metadata
-from facegrid.config import InferenceBackendKind, InferenceSettings, TlsSettings
+from facegrid.config import InferenceBackendKind, InferenceSettings, StoreSettings, TlsSettings
 from facegrid.errors import ServiceError
 from facegrid.inference import TritonBackend
+from facegrid.milvus_server import MilvusServer
 from facegrid.nats_server import NatsServer
 from facegrid.triton_server import TritonInstall, TritonServer
 from facegrid.v1 import (
@@ -49,6 +51,7 @@ from facegrid.v1 import (
     search_pb2_grpc,
 )
 from facegrid_ingest.event_log import EventLog
+from facegrid_search.store import MilvusStore
 from grpc_helpers import rpc_error
 
 F = face_service_pb2
@@ -422,3 +425,50 @@ def test_triton_with_mutual_tls_serves_only_clients_with_a_certificate_of_its_ca
         TritonBackend(
             settings.model_copy(update={"triton_url": "triton.facegrid:8001"}), TlsSettings()
         )
+
+
+# ---------------------------------------------------------------- Milvus
+
+
+def test_search_reaches_a_milvus_server_over_mutual_tls(pki: Pki, tmp_path: Path) -> None:
+    """The search service's hop to a Milvus server (tlsMode 2): pymilvus over mutual TLS
+    from the tls.* settings; the server refuses plaintext, no client certificate and a
+    certificate of another CA (checked with plain gRPC channels: pymilvus reuses one
+    connection per address within a process)."""
+    client = TlsSettings(
+        ca_file=str(pki.ca_file),
+        client_cert_file=str(pki.client.cert),
+        client_key_file=str(pki.client.key),
+    )
+    with MilvusServer(
+        MILVUS_VENV,
+        tmp_path / "milvus",
+        tls_cert=pki.server.cert,
+        tls_key=pki.server.key,
+        tls_ca=pki.ca_file,
+        tls_client=(pki.client.cert, pki.client.key),
+    ) as server:
+        assert server.uri.startswith("https://")
+        store = MilvusStore(StoreSettings(uri=server.uri), True, client)
+        try:
+            assert store.list_specs() == []  # the registry was created over TLS
+        finally:
+            store.close()
+        address = server.uri.removeprefix("https://")
+        ca = pki.ca_file.read_bytes()
+        for channel in (
+            grpc.insecure_channel(address),
+            grpc.secure_channel(address, grpc.ssl_channel_credentials(ca)),
+            grpc.secure_channel(address, pki.other_client.credentials(pki.other_ca_file)),
+            grpc.secure_channel(address, pki.other_client.credentials(pki.ca_file)),
+        ):
+            with channel:
+                check = channel.unary_unary(
+                    "/milvus.proto.milvus.MilvusService/CheckHealth",
+                    request_serializer=lambda _: b"",
+                    response_deserializer=lambda data: data,
+                )
+                with pytest.raises(grpc.RpcError):
+                    check(None, timeout=3)
+    with pytest.raises(tls.PlaintextRefusedError):
+        MilvusStore(StoreSettings(uri="http://milvus.facegrid:19530"), True, TlsSettings())

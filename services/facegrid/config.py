@@ -552,7 +552,7 @@ class TlsSettings(Section):
     ca_file: str = Field(
         "",
         description="PEM CA bundle the servers this process calls must chain to (the "
-        "gateway's and ingest's internal calls, ingest's NATS connection, Triton, the facegrid "
+        "gateway's and ingest's internal calls, ingest's NATS, Triton and Milvus, the facegrid "
         "client). Empty: plaintext, and only to loopback addresses.",
     )
     client_cert_file: str = Field(

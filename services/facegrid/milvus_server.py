@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -101,6 +102,13 @@ class MilvusServer:
     # Etcd lease of each component's session. A killed server's sessions stay until it
     # runs out, and a restart waits for that (up to a minute at Milvus's default of 30).
     session_ttl_s: int = 10
+    # Mutual TLS on the client port (common.security.tlsMode 2): the server's certificate
+    # and key and the CA its clients' certificates must chain to; ``tls_client`` is a
+    # (certificate, key) pair of that CA for the launcher's own readiness check.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_client: tuple[Path, Path] | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     metrics_port: int = field(default=0, init=False)
     etcd_port: int = field(default=0, init=False)
@@ -113,7 +121,8 @@ class MilvusServer:
 
     @property
     def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls_cert is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -168,6 +177,7 @@ class MilvusServer:
         env = dict(os.environ)
         env.update(
             {
+                **self._tls_environment(),
                 "DEPLOY_MODE": "STANDALONE",
                 "METRICS_PORT": str(self.metrics_port),  # also serves /healthz
                 "MILVUSCONF": f"{self.base_dir / 'configs'}/",
@@ -179,6 +189,46 @@ class MilvusServer:
             }
         )
         return binary, env
+
+    def _tls_environment(self) -> dict[str, str]:
+        # Read by Milvus's env config source as common.security.tlsMode and tls.*.
+        if self.tls_cert is None or self.tls_key is None or self.tls_ca is None:
+            return {}
+        return {
+            "COMMON_SECURITY_TLSMODE": "2",
+            "TLS_SERVERPEMPATH": str(self.tls_cert),
+            "TLS_SERVERKEYPATH": str(self.tls_key),
+            "TLS_CAPEMPATH": str(self.tls_ca),
+        }
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if self.tls_cert is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
+        if self.tls_client is not None:
+            context.load_cert_chain(str(self.tls_client[0]), str(self.tls_client[1]))
+        return context
+
+    def _answers_over_tls(self) -> bool:
+        """Whether the proxy answers a gRPC call (CheckHealth) over mutual TLS."""
+        import grpc
+
+        assert self.tls_ca is not None
+        key = chain = None
+        if self.tls_client is not None:
+            chain, key = (path.read_bytes() for path in self.tls_client)
+        credentials = grpc.ssl_channel_credentials(self.tls_ca.read_bytes(), key, chain)
+        with grpc.secure_channel(f"127.0.0.1:{self.port}", credentials) as channel:
+            check = channel.unary_unary(
+                "/milvus.proto.milvus.MilvusService/CheckHealth",
+                request_serializer=lambda _: b"",
+                response_deserializer=lambda data: data,
+            )
+            try:
+                check(None, timeout=1.0)
+            except grpc.RpcError:
+                return False
+        return True
 
     def start(self) -> MilvusServer:
         if self.process is not None:
@@ -218,6 +268,7 @@ class MilvusServer:
         # /healthz turns OK when every component is healthy; the REST listing proves the
         # proxy answers requests on the client port, which is what callers need.
         listing = f"http://127.0.0.1:{self.port}/v1/vector/collections"
+        context = self._ssl_context()
         sessions_clean = False
         while time.monotonic() < deadline:
             assert self.process is not None
@@ -227,7 +278,12 @@ class MilvusServer:
                 )
             if not sessions_clean:
                 sessions_clean = _revoke_stale_sessions(self.etcd_port, self.process.pid)
-            if _get(health).strip() == "OK" and '"code":200' in _get(listing):
+            answers = (
+                '"code":200' in _get(listing)
+                if context is None
+                else self._answers_over_tls()  # the REST port speaks only HTTP/2 then
+            )
+            if _get(health).strip() == "OK" and answers:
                 return
             time.sleep(0.1)
         raise MilvusStartError(
@@ -365,9 +421,9 @@ def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _get(url: str) -> str:
+def _get(url: str, context: ssl.SSLContext | None = None) -> str:
     try:
-        with urllib.request.urlopen(url, timeout=1.0) as response:
+        with urllib.request.urlopen(url, timeout=1.0, context=context) as response:
             return str(response.read().decode("utf-8", errors="replace"))
     except (urllib.error.URLError, OSError):
         return ""

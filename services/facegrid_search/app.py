@@ -425,7 +425,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
 
 
 async def serve(settings: Settings) -> None:
-    core = SearchCore(settings.store)
+    core = SearchCore(settings.store, settings.tls)
     await core.open()
     servicer = SearchServicer(settings, core)
     server = FacegridServer(

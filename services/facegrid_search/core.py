@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from facegrid.config import SearchCache, StoreSettings
+from facegrid.config import SearchCache, StoreSettings, TlsSettings
 from facegrid.errors import already_exists, failed_precondition, not_found
 from facegrid.metrics import GALLERY_FACES
 from facegrid.names import FaceName, SubjectName, collection_name
@@ -61,8 +61,9 @@ class Collection:
 
 
 class SearchCore:
-    def __init__(self, settings: StoreSettings) -> None:
+    def __init__(self, settings: StoreSettings, tls_settings: TlsSettings | None = None) -> None:
         self.settings = settings
+        self._tls_settings = tls_settings or TlsSettings()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="milvus")
         self.store: MilvusStore | None = None
         self._collections: dict[str, Collection] = {}
@@ -101,7 +102,9 @@ class SearchCore:
                 saved = await self._milvus(snapshot.take, database)
             else:  # one left from before would go stale (and keep erased faces): delete it
                 await self._milvus(snapshot.discard, database)
-        self.store = await self._milvus(MilvusStore, self.settings, not self._cached(is_lite))
+        self.store = await self._milvus(
+            MilvusStore, self.settings, not self._cached(is_lite), self._tls_settings
+        )
         for spec in await self._milvus(self.store.list_specs):
             self._collections[spec.collection_id] = await self._load(
                 spec, saved.pop(spec.collection_id, None)

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from facegrid.config import StoreSettings
+from facegrid import tls
+from facegrid.config import StoreSettings, TlsSettings
 from pymilvus import DataType, MilvusClient
 
 from facegrid_search.expressions import and_, filter_expression, quote
@@ -52,6 +53,21 @@ LITE_REBUILD_CHUNK = 100_000
 DELETE_BATCH = 1_000
 
 
+def _tls_arguments(uri: str, tls_settings: TlsSettings) -> dict[str, object]:
+    """pymilvus's TLS arguments for a Milvus server at ``uri``."""
+    if not tls_settings.ca_file:
+        tls.check_plaintext_client_allowed("search", uri)
+        return {}
+    if tls_settings.client_cert_file:
+        return {
+            "secure": True,
+            "ca_pem_path": tls_settings.ca_file,
+            "client_pem_path": tls_settings.client_cert_file,
+            "client_key_path": tls_settings.client_key_file,
+        }
+    return {"secure": True, "server_pem_path": tls_settings.ca_file}  # pymilvus: the CA
+
+
 def faces_collection(collection_id: str) -> str:
     # Collection ids are [a-z0-9-]; Milvus names allow [A-Za-z0-9_]: '-' -> '_' is 1:1.
     return f"faces_{collection_id.replace('-', '_')}"
@@ -64,14 +80,25 @@ def subjects_collection(collection_id: str) -> str:
 class MilvusStore:
     """Synchronous; the service calls it from a worker thread."""
 
-    def __init__(self, settings: StoreSettings, searches_here: bool | None = None) -> None:
-        """``searches_here``: whether Milvus itself answers searches (no cache in front)."""
+    def __init__(
+        self,
+        settings: StoreSettings,
+        searches_here: bool | None = None,
+        tls_settings: TlsSettings | None = None,
+    ) -> None:
+        """``searches_here``: whether Milvus itself answers searches (no cache in front).
+        A Milvus server is reached over TLS when ``tls_settings.ca_file`` is set (with
+        the client certificate, for a server in tlsMode 2), else in plaintext and only on
+        a loopback address."""
         self.settings = settings
         self.is_lite = self.is_lite_uri(settings.uri)
         if self.is_lite:
             Path(settings.uri).parent.mkdir(parents=True, exist_ok=True)
         self.client = MilvusClient(
-            uri=settings.uri, token=settings.token, timeout=settings.timeout_s
+            uri=settings.uri,
+            token=settings.token,
+            timeout=settings.timeout_s,
+            **({} if self.is_lite else _tls_arguments(settings.uri, tls_settings or TlsSettings())),
         )
         self._consistency = settings.consistency_level
         self.index_type = _index_type(settings.index_type, searches_here)
