@@ -43,7 +43,11 @@ def find_bindir() -> Path | None:
 class PostgresServer:
     """A throw-away PostgreSQL server with a trusting superuser ``facegrid``."""
 
-    def __init__(self, startup_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, startup_timeout_s: float = 30.0, tls: tuple[Path, Path] | None = None
+    ) -> None:
+        """``tls``: (certificate, key) PEM files; then only TLS connections are taken."""
+        self.tls = tls
         bindir = find_bindir()
         if bindir is None:
             raise FileNotFoundError("no PostgreSQL server (apt-get install postgresql)")
@@ -86,6 +90,7 @@ class PostgresServer:
             check=True,
             capture_output=True,
         )
+        tls_options = self._configure_tls() if self.tls is not None else []
         log = open(self.root / "server.log", "wb")  # noqa: SIM115  # closed with the server
         self.process = subprocess.Popen(
             self._as_owner(
@@ -99,6 +104,7 @@ class PostgresServer:
                     str(self.port),
                     "-k",
                     str(self.root),
+                    *tls_options,
                 ]
             ),
             stdout=log,
@@ -109,6 +115,24 @@ class PostgresServer:
         self._wait_ready()
         return self
 
+    def _configure_tls(self) -> list[str]:
+        """Copy the pair where the server's user alone reads it; refuse plaintext."""
+        assert self.tls is not None
+        cert, key = self.root / "server.crt", self.root / "server.key"
+        shutil.copyfile(self.tls[0], cert)
+        shutil.copyfile(self.tls[1], key)
+        key.chmod(0o600)
+        if os.geteuid() == 0:
+            for path in (cert, key):
+                shutil.chown(path, "postgres", "postgres")
+        hba = self.data / "pg_hba.conf"
+        hba.write_text(
+            "local all all trust\n"
+            "hostssl all all 127.0.0.1/32 trust\n"
+            "hostnossl all all 0.0.0.0/0 reject\n"
+        )
+        return ["-c", "ssl=on", "-c", f"ssl_cert_file={cert}", "-c", f"ssl_key_file={key}"]
+
     def _wait_ready(self) -> None:
         import psycopg
 
@@ -118,7 +142,7 @@ class PostgresServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"postgres exited: {(self.root / 'server.log').read_text()}")
             try:
-                with psycopg.connect(self.url, connect_timeout=2):
+                with psycopg.connect(self.url, connect_timeout=2, sslmode="prefer"):
                     return
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:

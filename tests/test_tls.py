@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import nats
 import numpy as np
+import psycopg
 import pytest
 import trustme
 from conftest import (
@@ -35,6 +36,7 @@ from conftest import (
 )
 from cryptography import x509
 from facegrid import tls
+from facegrid.audit_postgres import PostgresAuditLog
 from facegrid.auth import bearer_metadata
 from facegrid.config import InferenceBackendKind, InferenceSettings, StoreSettings, TlsSettings
 from facegrid.errors import ServiceError
@@ -53,6 +55,9 @@ from facegrid.v1 import (
 from facegrid_ingest.event_log import EventLog
 from facegrid_search.store import MilvusStore
 from grpc_helpers import rpc_error
+
+from tests.audit_helpers import append
+from tests.postgres_server import PostgresServer, find_bindir
 
 F = face_service_pb2
 PHOTO = SHARED_DATA / "faces" / "misc" / "lin-manuel-miranda.png"
@@ -472,3 +477,31 @@ def test_search_reaches_a_milvus_server_over_mutual_tls(pki: Pki, tmp_path: Path
                     check(None, timeout=3)
     with pytest.raises(tls.PlaintextRefusedError):
         MilvusStore(StoreSettings(uri="http://milvus.facegrid:19530"), True, TlsSettings())
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+@pytest.mark.skipif(find_bindir() is None, reason="no PostgreSQL server")
+def test_the_audit_log_reaches_postgresql_over_verified_tls(pki: Pki) -> None:
+    """The audit (and quota) database's hop: libpq's own TLS, from the URL
+    (sslmode=verify-full, sslrootcert=the CA); a server that takes only TLS."""
+    with PostgresServer(tls=(pki.server.cert, pki.server.key)) as server:
+        verified = f"{server.url}?sslmode=verify-full&sslrootcert={pki.ca_file}"
+        log = PostgresAuditLog(verified)
+        try:
+            written = append(log, 2)
+            assert [r.sequence_number for r in written] == [1, 2]
+        finally:
+            log.close()
+        with psycopg.connect(verified) as connection:
+            row = connection.execute(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            ).fetchone()
+            assert row == (True,)
+        for refused in (
+            f"{server.url}?sslmode=disable",  # plaintext: the server refuses
+            f"{server.url}?sslmode=verify-full&sslrootcert={pki.other_ca_file}",  # not its CA
+        ):
+            with pytest.raises(psycopg.OperationalError):
+                psycopg.connect(refused, connect_timeout=5).close()
