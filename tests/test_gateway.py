@@ -919,6 +919,28 @@ def test_faces_past_the_collections_retention_are_removed_and_audited(
         )
     ).collection
     assert created.face_retention.seconds == 7200
+    # The administrator may change it later, within the same bounds.
+    mask = field_mask_pb2.FieldMask(paths=["face_retention"])
+    longer = api.UpdateCollection(
+        F.UpdateCollectionRequest(
+            collection=resources_pb2.Collection(
+                name=f"collections/{name}", face_retention=duration_pb2.Duration(seconds=10800)
+            ),
+            update_mask=mask,
+        )
+    ).collection
+    assert longer.face_retention.seconds == 10800
+    too_short = rpc_error(
+        lambda: api.UpdateCollection(
+            F.UpdateCollectionRequest(
+                collection=resources_pb2.Collection(
+                    name=f"collections/{name}", face_retention=duration_pb2.Duration(seconds=60)
+                ),
+                update_mask=mask,
+            )
+        )
+    )
+    assert "collection.face_retention" in field_violations(too_short)
     fresh = (
         api.IndexFaces(
             F.IndexFacesRequest(parent=parent, image=photo(faces, "knn/test/obama1.jpg"))
@@ -926,8 +948,8 @@ def test_faces_past_the_collections_retention_are_removed_and_audited(
         .face_records[0]
         .face
     )
-    # Faces enrolled three hours ago (the gateway stamps create_time; SearchService takes
-    # it as given): past the two-hour retention.
+    # Faces enrolled four hours ago (the gateway stamps create_time; SearchService takes
+    # it as given): past the three-hour retention.
     search_channel = grpc.insecure_channel(e2e_stack.group.services["search"].address)
     search = search_pb2_grpc.SearchServiceStub(search_channel)
     rng = np.random.default_rng(5)
@@ -939,7 +961,7 @@ def test_faces_past_the_collections_retention_are_removed_and_audited(
             embedding=common_pb2.Embedding(values=(vector / np.linalg.norm(vector)).tolist()),
             model_version=created.model_version,
         )
-        face.create_time.FromSeconds(int(time.time()) - 3 * 3600)
+        face.create_time.FromSeconds(int(time.time()) - 4 * 3600)
         old.append(face)
     search.BatchUpsertFaces(
         search_pb2.SearchServiceBatchUpsertFacesRequest(parent=parent, faces=old),

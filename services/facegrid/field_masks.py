@@ -7,7 +7,13 @@ from google.protobuf import field_mask_pb2
 from facegrid.errors import invalid_argument
 
 # Collection fields UpdateCollection may change (FaceService and SearchService).
-COLLECTION_UPDATABLE = ("display_name", "description", "min_match_threshold", "production")
+COLLECTION_UPDATABLE = (
+    "display_name",
+    "description",
+    "min_match_threshold",
+    "production",
+    "face_retention",
+)
 
 
 def update_paths(

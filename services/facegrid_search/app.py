@@ -59,9 +59,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
             violations.append(("collection.metric", "unknown metric"))
         if violations:
             raise invalid_arguments(violations)
-        convert.check_collection_fields(
-            given, (*field_masks.COLLECTION_UPDATABLE, "face_retention")
-        )
+        convert.check_collection_fields(given, field_masks.COLLECTION_UPDATABLE)
         Calibration.from_proto(given.similarity_calibration, "collection.similarity_calibration")
         stored = resources_pb2.Collection()
         stored.CopyFrom(given)
@@ -118,8 +116,12 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
         current = await self._core.collection(collection_id)
         updated = convert.collection_message(current.spec, 0, 0)
         for path in paths:
-            if path == "min_match_threshold" and not request.collection.HasField(path):
+            if path in ("min_match_threshold", "face_retention") and not (
+                request.collection.HasField(path)
+            ):
                 updated.ClearField(path)  # in the mask but unset: cleared (AIP-134)
+            elif path == "face_retention":
+                updated.face_retention.CopyFrom(request.collection.face_retention)
             else:
                 setattr(updated, path, getattr(request.collection, path))
         collection = await self._core.update_collection(
