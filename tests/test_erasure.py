@@ -10,16 +10,27 @@ here, and said in README's Security section)."""
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from facegrid.v1 import common_pb2, face_service_pb2, ingest_pb2, search_pb2, search_pb2_grpc
+from facegrid.milvus_server import MilvusServer
+from facegrid.v1 import (
+    common_pb2,
+    face_service_pb2,
+    ingest_pb2,
+    resources_pb2,
+    search_pb2,
+    search_pb2_grpc,
+)
 from facegrid_ingest.erasure import ERASE_MATCH_EVENTS
 
+from tests.conftest import MILVUS_VENV, start_service
 from tests.grpc_helpers import rpc_error
 from tests.ingest_helpers import (
     CALL_TIMEOUT_S,
@@ -32,6 +43,7 @@ from tests.ingest_helpers import (
     ingest_stack,
     push_visit,
 )
+from tests.test_search_service import DIM, MODEL, calibration, embedding, unit
 
 F = face_service_pb2
 I = ingest_pb2  # noqa: E741
@@ -219,3 +231,84 @@ def _reachable(s: IngestStack) -> bool:
     except grpc.RpcError:
         return False
     return True
+
+
+# ---------------------------------------------------------------- a Milvus server
+
+
+@pytest.mark.skipif(
+    os.environ.get("FACEGRID_MILVUS_GC") != "1",
+    reason="about 90 s (a server of its own, compaction, garbage collection): "
+    "FACEGRID_MILVUS_GC=1 runs it",
+)
+def test_on_a_milvus_server_a_deleted_face_leaves_the_segments(tmp_path: Path) -> None:
+    """On a real Milvus 2.3.5 server, the search service compacts a collection after a
+    deletion (store.compaction_delay_s) and the deleted embedding leaves every segment
+    file once garbage collection has run (here every 10 s, keeping replaced files 10 s).
+    What is left is rocksmq's log of the insert (kept for rocksmq.retentionTimeInMinutes;
+    README), the one place the bytes are still found."""
+    base = tmp_path / "milvus"
+    with MilvusServer(MILVUS_VENV, base, gc_interval_s=10, gc_drop_tolerance_s=10) as server:
+        service = start_service(
+            "search", [f"store.uri={server.uri}", "store.compaction_delay_s=1"], tmp_path
+        )
+        try:
+            with grpc.insecure_channel(service.address) as channel:
+                search = search_pb2_grpc.SearchServiceStub(channel)
+                search.CreateCollection(
+                    S.SearchServiceCreateCollectionRequest(
+                        collection_id="erased",
+                        collection=resources_pb2.Collection(
+                            dimension=DIM, model_version=MODEL, similarity_calibration=calibration()
+                        ),
+                    ),
+                    timeout=CALL_TIMEOUT_S,
+                )
+                vectors = unit(300, seed=44)
+                names = [
+                    f"collections/erased/faces/{uuid.UUID(int=44 * 10**6 + i)}" for i in range(300)
+                ]
+                search.BatchUpsertFaces(
+                    S.SearchServiceBatchUpsertFacesRequest(
+                        parent="collections/erased",
+                        faces=[
+                            resources_pb2.Face(name=n, model_version=MODEL, embedding=embedding(v))
+                            for n, v in zip(names, vectors, strict=True)
+                        ],
+                    ),
+                    timeout=CALL_TIMEOUT_S,
+                )
+                needle = vectors[7].astype(np.float32).tobytes()[:64]
+                search.BatchDeleteFaces(
+                    S.SearchServiceBatchDeleteFacesRequest(
+                        parent="collections/erased", names=[names[7]]
+                    ),
+                    timeout=CALL_TIMEOUT_S,
+                )
+                assert _files_holding(base / "data", needle), "the embedding is on disk"
+
+                def in_a_segment() -> bool:
+                    return any(
+                        f.startswith("insert_log/") for f in _files_holding(base / "data", needle)
+                    )
+
+                # The compaction flushes the deleted row into a segment first, then
+                # rewrites the segment without it; the old files go at garbage collection.
+                _wait_until(in_a_segment, timeout_s=60)
+
+                def only_in_rocksmq() -> bool:
+                    return all(
+                        f.startswith("rocksmq/") for f in _files_holding(base / "data", needle)
+                    )
+
+                _wait_until(only_in_rocksmq, timeout_s=90)
+                # The other faces are all still there.
+                listed = search.ListFaces(
+                    S.SearchServiceListFacesRequest(parent="collections/erased", page_size=1000),
+                    timeout=CALL_TIMEOUT_S,
+                )
+                assert len(listed.faces) == 299
+                left = _files_holding(base / "data", needle)
+                print(f"\nstill holding the deleted embedding: {left}")
+        finally:
+            assert service.stop() == 0, service.log()

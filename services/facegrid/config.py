@@ -179,6 +179,14 @@ class StoreSettings(Section):
         "re-reads every row: minutes).",
     )
     timeout_s: float = Field(30.0, gt=0, description="Deadline of one Milvus call, in seconds.")
+    compaction_delay_s: float = Field(
+        60.0,
+        ge=0,
+        description="On a Milvus server: a collection with deleted faces or subjects is "
+        "flushed and compacted within this many seconds, so that the deleted rows leave "
+        "its segments (their old files go at Milvus's garbage collection, "
+        "dataCoord.gc.dropTolerance). 0: never. Milvus Lite cannot purge (README).",
+    )
 
 
 class SearchSettings(Section):

@@ -109,6 +109,10 @@ class MilvusServer:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     tls_client: tuple[Path, Path] | None = None
+    # Garbage collection of segment files a compaction replaced: how often, and how long
+    # they are kept (Milvus's defaults: 1 h and 3 h). None: the defaults.
+    gc_interval_s: int | None = None
+    gc_drop_tolerance_s: int | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     metrics_port: int = field(default=0, init=False)
     etcd_port: int = field(default=0, init=False)
@@ -178,6 +182,7 @@ class MilvusServer:
         env.update(
             {
                 **self._tls_environment(),
+                **self._gc_environment(),
                 "DEPLOY_MODE": "STANDALONE",
                 "METRICS_PORT": str(self.metrics_port),  # also serves /healthz
                 "MILVUSCONF": f"{self.base_dir / 'configs'}/",
@@ -189,6 +194,16 @@ class MilvusServer:
             }
         )
         return binary, env
+
+    def _gc_environment(self) -> dict[str, str]:
+        # dataCoord.gc.*; missingTolerance (files not yet in the metadata) stays at its
+        # default: shortened, the server deleted files it was still writing (measured).
+        env = {}
+        if self.gc_interval_s is not None:
+            env["DATACOORD_GC_INTERVAL"] = str(self.gc_interval_s)
+        if self.gc_drop_tolerance_s is not None:
+            env["DATACOORD_GC_DROPTOLERANCE"] = str(self.gc_drop_tolerance_s)
+        return env
 
     def _tls_environment(self) -> dict[str, str]:
         # Read by Milvus's env config source as common.security.tlsMode and tls.*.

@@ -69,6 +69,9 @@ class SearchCore:
         self._collections: dict[str, Collection] = {}
         self._registry_lock = asyncio.Lock()
         self._gauge_task: asyncio.Task[None] | None = None
+        # Collections with deletions not compacted yet (a Milvus server only).
+        self._to_compact: set[str] = set()
+        self._compaction_task: asyncio.Task[None] | None = None
         # Where the index is snapshot on shutdown: beside a Milvus Lite database only,
         # whose directory lock makes this process its one writer.
         self._snapshot_of: Path | None = None
@@ -112,6 +115,23 @@ class SearchCore:
             self._observe(self._collections[spec.collection_id])
         if not self.cached:
             self._gauge_task = asyncio.create_task(self._refresh_gauges())
+        if not self.store.is_lite and self.settings.compaction_delay_s > 0:
+            self._compaction_task = asyncio.create_task(self._compact_after_deletes())
+
+    async def _compact_after_deletes(self) -> None:
+        """Deleted rows stay in a server's segments until a compaction rewrites them: each
+        collection with deletions is compacted once per ``compaction_delay_s``."""
+        while True:
+            await asyncio.sleep(self.settings.compaction_delay_s)
+            pending, self._to_compact = self._to_compact, set()
+            for collection_id in sorted(pending):
+                try:
+                    await self._milvus(self._store().compact, collection_id)
+                    log.info("compaction of %s started after deletions", collection_id)
+                except Exception:  # dropped meanwhile, or Milvus away: next round
+                    if collection_id in self._collections:
+                        self._to_compact.add(collection_id)
+                    log.warning("could not compact %s", collection_id, exc_info=True)
 
     def _observe(self, collection: Collection) -> None:
         """Gallery size for Prometheus: exact at once from the cache."""
@@ -187,8 +207,9 @@ class SearchCore:
         return True
 
     async def close(self) -> None:
-        if self._gauge_task is not None:
-            self._gauge_task.cancel()
+        for task in (self._gauge_task, self._compaction_task):
+            if task is not None:
+                task.cancel()
         if self.store is not None:
             await self._milvus(self.store.close)
         try:
@@ -325,6 +346,7 @@ class SearchCore:
         if not face_ids:
             return
         await self._write(self._store().delete_faces, collection.spec.collection_id, face_ids)
+        self._to_compact.add(collection.spec.collection_id)
         if collection.cache is not None:
             collection.cache.delete(face_ids)
         self._observe(collection)
@@ -442,6 +464,7 @@ class SearchCore:
             await self._milvus(
                 self._store().delete_subject, collection.spec.collection_id, subject_id
             )
+            self._to_compact.add(collection.spec.collection_id)
             return len(face_ids)
 
     async def set_subject(

@@ -378,6 +378,13 @@ class MilvusStore:
     def count_subjects(self, collection_id: str) -> int:
         return self._count(subjects_collection(collection_id), "")
 
+    def compact(self, collection_id: str) -> None:
+        """Flush a collection's faces and subjects and start their compaction (a server
+        rewrites the segments without the deleted rows; Milvus Lite does nothing)."""
+        for name in (faces_collection(collection_id), subjects_collection(collection_id)):
+            self.client.flush(name)
+            self.client.compact(name)
+
     def delete_subject(self, collection_id: str, subject_id: str) -> None:
         self.client.delete(subjects_collection(collection_id), ids=[subject_id])
 
