@@ -171,10 +171,16 @@ def test_min_face_size_chooses_the_enlargement(
     assert detect(stub, png_bytes(tiny), min_face_size=90).upsample == 0
 
 
-def test_the_enlarged_image_stays_within_the_pixel_budget(model_repo: Path, tmp_path: Path) -> None:
+def test_the_settings_bound_the_enlargement_and_set_the_default_confidence(
+    model_repo: Path, tmp_path: Path
+) -> None:
     service = start_service(
         "detection",
-        [f"inference.model_repository={model_repo}", "detection.max_detection_pixels=1000000"],
+        [
+            f"inference.model_repository={model_repo}",
+            "detection.max_detection_pixels=1000000",
+            "detection.min_confidence=99.99",
+        ],
         tmp_path,
     )
     try:
@@ -183,6 +189,9 @@ def test_the_enlarged_image_stays_within_the_pixel_budget(model_repo: Path, tmp_
             image = png_bytes(skimage.data.astronaut())  # 512x512: 4x is 4.2 MP
             reply = detect(stub, image, min_face_size=20)
             assert (reply.upsample, reply.min_face_size) == (0, 80)
+            # The deployment's default confidence applies unless the request sets one.
+            assert len(reply.faces) == 0
+            assert len(detect(stub, image, min_confidence=10).faces) == 1
             small = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((400, 400)))
             assert detect(stub, png_bytes(small), min_face_size=20).upsample == 1  # 2.6 MP
     finally:

@@ -283,7 +283,6 @@ def guarded(scope: str, audited: bool) -> Callable[[Method], Callable[..., Await
                 method.__name__, scope, audited, method, self, request, context
             )
 
-        wrapper.__facegrid_scope__ = scope  # type: ignore[attr-defined]
         return wrapper
 
     return decorate

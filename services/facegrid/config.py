@@ -88,7 +88,11 @@ class DetectionSettings(Section):
         9151, ge=0, le=65535, description="HTTP port of its Prometheus /metrics (0: off)."
     )
     min_confidence: float = Field(
-        0.0, description="Default minimum detector score (dlib MMOD scale; 0 is dlib's default)."
+        50.0,
+        ge=0,
+        le=100,
+        description="Faces below this confidence (0-100) are not returned when a request "
+        "sets no min_confidence of its own.",
     )
     max_concurrent_rpcs: int = Field(
         16, gt=0, description="Calls served at once; more get RESOURCE_EXHAUSTED."

@@ -13,7 +13,6 @@ from facegrid.v1 import common_pb2, detection_pb2, detection_pb2_grpc
 
 from facegrid_detection.analysis import Landmark
 from facegrid_detection.pipeline import (
-    DEFAULT_MIN_CONFIDENCE,
     MAX_UPSAMPLE,
     DetectedFace,
     DetectionPipeline,
@@ -43,7 +42,7 @@ class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):  # type: i
         request: detection_pb2.DetectionServiceDetectFacesRequest,
         context: grpc.aio.ServicerContext,
     ) -> detection_pb2.DetectionServiceDetectFacesResponse:
-        max_faces, min_confidence = _validate(request)
+        max_faces, min_confidence = _validate(request, self._settings.detection.min_confidence)
         with telemetry.span("detection.decode", image_bytes=len(request.image)):
             image = decode_image(request.image, self._settings.images)
         telemetry.annotate(image_width=image.width, image_height=image.height)
@@ -65,13 +64,15 @@ class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):  # type: i
         )
 
 
-def _validate(request: detection_pb2.DetectionServiceDetectFacesRequest) -> tuple[int, float]:
+def _validate(
+    request: detection_pb2.DetectionServiceDetectFacesRequest, default_min_confidence: float
+) -> tuple[int, float]:
     violations = []
     max_faces = request.max_faces or MAX_FACES_LIMIT
     if not 1 <= max_faces <= MAX_FACES_LIMIT:
         violations.append(("max_faces", f"must be 1 to {MAX_FACES_LIMIT}, got {max_faces}"))
     min_confidence = (
-        request.min_confidence if request.HasField("min_confidence") else DEFAULT_MIN_CONFIDENCE
+        request.min_confidence if request.HasField("min_confidence") else default_min_confidence
     )
     if not 0.0 <= min_confidence <= 100.0:
         violations.append(("min_confidence", f"must be 0 to 100, got {min_confidence}"))

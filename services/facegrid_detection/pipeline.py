@@ -25,7 +25,6 @@ from facegrid_detection.analysis import FaceAnalysis, FaceAnalyzer
 # Confidence (0-100) = logistic(CONFIDENCE_SLOPE * detector score): dlib's operating point
 # (score 0) is 50; the astronaut's face (score 1.06) is 98.6.
 CONFIDENCE_SLOPE = 4.0
-DEFAULT_MIN_CONFIDENCE = 50.0
 PIPELINE_SUFFIX = "sp5-chip150"
 # The smallest face box (pixels) dlib's MMOD detector finds at its own scale (its window
 # is 80x80); each doubling of the image halves it. Measured: 80, 40 and 21 pixels.

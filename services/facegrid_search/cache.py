@@ -165,11 +165,6 @@ class FaceCache:
         (code,) = self._codes.lookup([subject_id])
         return int(np.count_nonzero(self._subject[: len(self._rows)] == code))
 
-    def ids_for_subject(self, subject_id: str) -> list[str]:
-        (code,) = self._codes.lookup([subject_id])
-        positions = np.flatnonzero(self._subject[: len(self._rows)] == code)
-        return [self._rows[p].face_id for p in positions]
-
     def matching_ids(self, face_filter: FaceFilter) -> list[str]:
         positions = np.flatnonzero(self._mask(face_filter))
         return [self._rows[p].face_id for p in positions]

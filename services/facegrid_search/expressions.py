@@ -46,10 +46,6 @@ def filter_expression(face_filter: FaceFilter) -> str:
     return " and ".join(f"({c})" for c in clauses)
 
 
-def ids_expression(face_ids: Iterable[str]) -> str:
-    return _in("face_id", face_ids)
-
-
 def and_(*expressions: str) -> str:
     parts = [e for e in expressions if e]
     return " and ".join(f"({p})" for p in parts)

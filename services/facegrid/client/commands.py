@@ -22,7 +22,7 @@ from google.protobuf import field_mask_pb2
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from facegrid import audit_checkpoint
+from facegrid import audit_checkpoint, validation
 from facegrid.audit_chain import verify_chain
 from facegrid.auth import read_token
 from facegrid.client import output
@@ -70,8 +70,9 @@ IMAGE_HELP = (
 )
 PAGE_SIZE = 1000
 MAX_DELETE_NAMES = 1000
-MAX_CASE_ID = 128
-MAX_JUSTIFICATION = 2000
+# The gateway's limits (facegrid.validation), checked before anything is sent.
+MAX_CASE_ID = validation.MAX_CASE_ID
+MAX_JUSTIFICATION = validation.MAX_JUSTIFICATION
 
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:
@@ -478,7 +479,7 @@ def print_rpc_error(errors: Console, error: Exception, service: str, address: st
 
 
 def _collection_id(value: str) -> str:
-    if not COLLECTION_ID_PATTERN.match(value):
+    if not COLLECTION_ID_PATTERN.fullmatch(value):
         raise argparse.ArgumentTypeError(
             f"{value!r}: 1 to 63 lowercase letters, digits and hyphens, starting with a "
             "letter and not ending with a hyphen"
@@ -636,7 +637,7 @@ def _index(args: argparse.Namespace, client: FaceClient) -> int:
         return _enrol_manifest(manifest, client, args.jobs, collection_id)
     if args.collection is None:
         raise ClientError("--collection is required (except for a manifest)")
-    if args.subject and not SUBJECT_ID_PATTERN.match(args.subject):
+    if args.subject and not SUBJECT_ID_PATTERN.fullmatch(args.subject):
         raise ClientError(f"--subject {args.subject!r}: 1 to 128 of [a-zA-Z0-9_.-:]")
     if path.is_dir():
         plan = plan_folder(path, args.subject)

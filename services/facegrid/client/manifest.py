@@ -30,18 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facegrid import names, validation
 from facegrid.client.photos import EXTERNAL_ID_PATTERN
 
 FORMAT_VERSION = 1
-# AIP-122 collection ids (CreateCollectionRequest.collection_id).
-COLLECTION_ID_PATTERN = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-# CreateSubjectRequest.subject_id.
-SUBJECT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-:]{1,128}$")
-SOURCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-:]{1,128}$")
+# The services' own id patterns (facegrid.names), matched with fullmatch.
+COLLECTION_ID_PATTERN = names.COLLECTION_ID
+SUBJECT_ID_PATTERN = names.SUBJECT_ID
+SOURCE_ID_PATTERN = names.SOURCE_ID
 QUALITY_CHOICES = ("none", "auto", "low", "medium", "high")
 MAX_DISPLAY_NAME = 256
 MAX_DESCRIPTION = 2000
-MAX_METADATA_JSON_BYTES = 8 * 1024
+MAX_METADATA_JSON_BYTES = validation.MAX_METADATA_BYTES  # the gateway's limit
 MAX_FACES_LIMIT = 100
 
 TOP_KEYS = frozenset({"format", "root", "collection", "defaults", "subjects", "photos"})
@@ -194,7 +194,7 @@ class _Checker:
             return None
         self.unknown_keys("[collection]", value, COLLECTION_KEYS)
         collection_id = self.string(value, "id", "[collection]", required=True)
-        if collection_id and not COLLECTION_ID_PATTERN.match(collection_id):
+        if collection_id and not COLLECTION_ID_PATTERN.fullmatch(collection_id):
             self.problem(
                 "[collection] id",
                 f"{collection_id!r} is not a collection id: 1 to 63 lowercase letters, "
@@ -229,7 +229,7 @@ class _Checker:
                 continue
             self.unknown_keys(where, item, SUBJECT_KEYS)
             subject_id = self.string(item, "id", where, required=True)
-            if subject_id and not SUBJECT_ID_PATTERN.match(subject_id):
+            if subject_id and not SUBJECT_ID_PATTERN.fullmatch(subject_id):
                 self.problem(
                     where,
                     f"id {subject_id!r}: use 1 to 128 characters of letters, digits, "
@@ -264,7 +264,7 @@ class _Checker:
                     where, f"subject {subject_id!r} is not declared in a [[subjects]] entry"
                 )
             external_image_id = self.string(item, "external_image_id", where)
-            if external_image_id and not EXTERNAL_ID_PATTERN.match(external_image_id):
+            if external_image_id and not EXTERNAL_ID_PATTERN.fullmatch(external_image_id):
                 self.problem(
                     where,
                     f"external_image_id {external_image_id!r}: use at most 255 characters "
@@ -339,7 +339,7 @@ class _Checker:
 
     def source_id(self, table: dict[str, Any], where: str) -> str:
         value = self.string(table, "source_id", where)
-        if value and not SOURCE_ID_PATTERN.match(value):
+        if value and not SOURCE_ID_PATTERN.fullmatch(value):
             self.problem(
                 where,
                 f"source_id {value!r}: use at most 128 characters of letters, digits, "

@@ -12,16 +12,17 @@ import hashlib
 import importlib.metadata
 import importlib.resources
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path, PurePosixPath
 
+from facegrid import names
+
 PACKAGE_PREFIX = "package:"
 # The formats the gateway accepts (common.proto); folders are scanned for these.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
-# external_image_id and source_id: `[a-zA-Z0-9_.\-:]`, at most 255 characters.
-EXTERNAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-:]{1,255}$")
+# external_image_id: the services' pattern (facegrid.names), matched with fullmatch.
+EXTERNAL_ID_PATTERN = names.EXTERNAL_IMAGE_ID
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-:]+")
 MAX_EXTERNAL_ID = 255
 
@@ -93,24 +94,6 @@ def _package_resource(reference: str) -> Traversable:
     for part in parts:
         location = location.joinpath(part)
     return location
-
-
-def image_files(folder: Path) -> Iterator[Path]:
-    """The JPEG and PNG files directly in ``folder``, sorted, hidden files skipped."""
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):
-            continue
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            yield path
-
-
-def other_files(folder: Path) -> Iterator[Path]:
-    """The files directly in ``folder`` that are not JPEG or PNG (reported as skipped)."""
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):
-            continue
-        if path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES:
-            yield path
 
 
 def safe_external_id(name: str) -> str:

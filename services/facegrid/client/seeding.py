@@ -399,7 +399,7 @@ class FolderPlan:
 def subject_id_for(folder_name: str) -> str:
     """A valid subject id from a person folder's name (spaces and such become ``_``)."""
     cleaned = safe_external_id(folder_name)[:128]
-    return cleaned if SUBJECT_ID_PATTERN.match(cleaned) else "subject"
+    return cleaned if SUBJECT_ID_PATTERN.fullmatch(cleaned) else "subject"
 
 
 def plan_folder(folder: Path, subject_id: str = "") -> FolderPlan:

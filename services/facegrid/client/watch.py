@@ -38,6 +38,7 @@ from google.protobuf.message import Message
 from PIL import Image
 from rich.table import Table
 
+from facegrid import names
 from facegrid.auth import read_token
 from facegrid.client import output
 from facegrid.client.commands import (
@@ -67,7 +68,7 @@ R = TypeVar("R", bound=Message)
 
 NAME_PREFIX = "streamProcessors/"
 PROCESSOR_ID = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
-SOURCE_ID = re.compile(r"^[a-zA-Z0-9_.\-:]{1,128}$")
+SOURCE_ID = names.SOURCE_ID
 URL_SCHEMES = ("rtsp", "rtsps", "http", "https", "file")
 WATCHLIST_PURPOSE = "watchlist-monitoring"
 PAGE_SIZE = 1000
@@ -395,7 +396,7 @@ def _runner(handler: IngestHandler) -> Callable[[argparse.Namespace], int]:
 def _processor_id(value: str) -> str:
     """``cam`` or ``streamProcessors/cam`` -> ``cam``."""
     processor_id = value.removeprefix(NAME_PREFIX)
-    if not PROCESSOR_ID.match(processor_id):
+    if not PROCESSOR_ID.fullmatch(processor_id):
         raise argparse.ArgumentTypeError(
             f"{value!r}: 1 to 63 lowercase letters, digits and hyphens, starting with a "
             "letter and not ending with a hyphen"
@@ -409,7 +410,7 @@ def _processor_name(value: str) -> str:
 
 
 def _source_id(value: str) -> str:
-    if not SOURCE_ID.match(value):
+    if not SOURCE_ID.fullmatch(value):
         raise argparse.ArgumentTypeError(f"{value!r}: 1 to 128 of [a-zA-Z0-9_.-:]")
     return value
 
