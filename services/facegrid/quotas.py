@@ -81,10 +81,20 @@ class _SqlQuotaStore:
         self._prune = _PRUNE.format(p=placeholder)
         self._lock = threading.Lock()
         self._connection = connect()
-        exists = self._connection.execute(exists.format(p=placeholder), (_TABLE,)).fetchone()
-        if not exists or not exists[0]:  # a writer role finds it made by setup-database
-            self._connection.execute(SCHEMA)
+        if not self._exists(exists.format(p=placeholder)):
+            # A writer role finds it made by setup-database. Replicas starting together
+            # race here: PostgreSQL may refuse all but one CREATE TABLE IF NOT EXISTS
+            # (a unique violation in its catalog), which is fine once the table is there.
+            try:
+                self._connection.execute(SCHEMA)
+            except Exception:
+                if not self._exists(exists.format(p=placeholder)):
+                    raise
         self._pruned = 0
+
+    def _exists(self, query: str) -> bool:
+        row = self._connection.execute(query, (_TABLE,)).fetchone()
+        return bool(row and row[0])
 
     def take(self, principal: str, kind: str, window_start: int, limit: int) -> bool:
         with self._lock:
