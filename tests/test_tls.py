@@ -101,6 +101,14 @@ class Pki:
         settings = [f"tls.cert_file={self.server.cert}", f"tls.key_file={self.server.key}"]
         return [*settings, f"tls.client_ca_file={self.ca_file}"] if mutual else settings
 
+    def client_tls(self, pem: Pem) -> TlsSettings:
+        """A caller's tls.* settings: this CA, presenting ``pem``."""
+        return TlsSettings(
+            ca_file=str(self.ca_file),
+            client_cert_file=str(pem.cert),
+            client_key_file=str(pem.key),
+        )
+
     def client_settings(self) -> list[str]:
         return [
             f"tls.ca_file={self.ca_file}",
@@ -333,16 +341,8 @@ def test_nats_with_mutual_tls_serves_only_clients_with_a_certificate_of_its_ca(
 ) -> None:
     """The event store's hop: nats-server with --tlsverify, ingest's client context
     (facegrid.tls.client_ssl_context) from the same tls.* settings as its gRPC calls."""
-    client = TlsSettings(
-        ca_file=str(pki.ca_file),
-        client_cert_file=str(pki.client.cert),
-        client_key_file=str(pki.client.key),
-    )
-    intruder = TlsSettings(
-        ca_file=str(pki.ca_file),
-        client_cert_file=str(pki.other_client.cert),
-        client_key_file=str(pki.other_client.key),
-    )
+    client = pki.client_tls(pki.client)
+    intruder = pki.client_tls(pki.other_client)
     with NatsServer(
         tmp_path / "nats", tls_cert=pki.server.cert, tls_key=pki.server.key, tls_ca=pki.ca_file
     ) as server:
@@ -391,16 +391,8 @@ def test_triton_with_mutual_tls_serves_only_clients_with_a_certificate_of_its_ca
     settings = InferenceSettings(
         model_repository=model_repo, backend=InferenceBackendKind.TRITON, triton_timeout_s=30
     )
-    client = TlsSettings(
-        ca_file=str(pki.ca_file),
-        client_cert_file=str(pki.client.cert),
-        client_key_file=str(pki.client.key),
-    )
-    intruder = TlsSettings(
-        ca_file=str(pki.ca_file),
-        client_cert_file=str(pki.other_client.cert),
-        client_key_file=str(pki.other_client.key),
-    )
+    client = pki.client_tls(pki.client)
+    intruder = pki.client_tls(pki.other_client)
     chips = np.zeros((1, 150, 150, 3), np.uint8)
     with TritonServer(
         TritonInstall.discover(TRITON_VENV),
@@ -440,11 +432,7 @@ def test_search_reaches_a_milvus_server_over_mutual_tls(pki: Pki, tmp_path: Path
     from the tls.* settings; the server refuses plaintext, no client certificate and a
     certificate of another CA (checked with plain gRPC channels: pymilvus reuses one
     connection per address within a process)."""
-    client = TlsSettings(
-        ca_file=str(pki.ca_file),
-        client_cert_file=str(pki.client.cert),
-        client_key_file=str(pki.client.key),
-    )
+    client = pki.client_tls(pki.client)
     with MilvusServer(
         MILVUS_VENV,
         tmp_path / "milvus",
