@@ -10,11 +10,12 @@ BIN := $(VENV)/bin
 BENCH_VENV := .venv-bench
 LOAD_VENV := .venv-load
 MODEL_REPO ?= model_repository
-PROTO_FILES := $(wildcard protos/facegrid/v1/*.proto)
+PROTO_FILES := $(wildcard protos/facegrid/v1/*.proto protos/facegrid/internal/v1/*.proto)
 GEN_DIR := services/facegrid/v1
+INTERNAL_GEN_DIR := services/facegrid/internal
 PYTEST_ARGS ?=
 
-.PHONY: all up test lint protos models venv triton-venv milvus-venv bench-venv load-venv bench-gateway load-cluster clean buf-lint format system-packages
+.PHONY: all up test lint protos models venv triton-venv milvus-venv bench-venv load-venv bench-gateway load-cluster clean buf-lint buf-breaking contract-release test-unit format system-packages
 
 all: venv protos models
 
@@ -22,7 +23,7 @@ all: venv protos models
 $(BIN)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check pip==25.3
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[dev,eval]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[client,eval,models,harness,dev]'
 	touch $@
 
 # Side environments, one per requirements/<name>.txt, installed without resolving
@@ -57,15 +58,16 @@ bench-gateway: venv protos models bench-venv
 
 # --- generated code -----------------------------------------------------------
 $(GEN_DIR)/.generated: $(PROTO_FILES) $(BIN)/.installed
-	rm -rf $(GEN_DIR)
+	rm -rf $(GEN_DIR) $(INTERNAL_GEN_DIR)
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=services \
 		--grpc_python_out=services --pyi_out=services $(PROTO_FILES)
-	touch $(GEN_DIR)/__init__.py $(GEN_DIR)/py.typed $@
+	touch $(GEN_DIR)/__init__.py $(GEN_DIR)/py.typed $(INTERNAL_GEN_DIR)/__init__.py \
+		$(INTERNAL_GEN_DIR)/v1/__init__.py $(INTERNAL_GEN_DIR)/v1/py.typed $@
 
 protos: $(GEN_DIR)/.generated
 
 # --- models -------------------------------------------------------------------
-$(MODEL_REPO)/facegrid_models.json: $(BIN)/.installed $(wildcard services/facegrid/models/*.py)
+$(MODEL_REPO)/facegrid_models.json: $(BIN)/.installed $(wildcard services/facegrid/models/*.py services/facegrid_models/*.py)
 	$(BIN)/facegrid models build --repo $(MODEL_REPO)
 
 models: $(MODEL_REPO)/facegrid_models.json
@@ -79,7 +81,20 @@ up: venv protos models
 buf-lint: node_modules/.installed
 	npx --no-install buf lint
 
-lint: venv protos buf-lint
+# The public contract (FaceService, IngestService and the messages they use) must stay
+# wire- and source-compatible with the last release's, kept as a buf image; the internal
+# services' protos are not in it and may change with the services.
+PUBLIC_PROTOS := face_service ingest resources common
+CONTRACT_RELEASE := protos/releases/facegrid-v1-0.1.0.json
+buf-breaking: node_modules/.installed
+	npx --no-install buf breaking --against $(CONTRACT_RELEASE)
+
+# At a release: the public contract's image, to check later changes against.
+contract-release: node_modules/.installed
+	npx --no-install buf build --exclude-source-info \
+	  $(foreach f,$(PUBLIC_PROTOS),--path protos/facegrid/v1/$(f).proto) -o $(CONTRACT_RELEASE)
+
+lint: venv protos buf-lint buf-breaking
 	$(BIN)/ruff check services tests loadtest
 	$(BIN)/ruff format --check services tests loadtest
 	$(BIN)/mypy
@@ -103,5 +118,9 @@ system-packages:
 test: venv triton-venv milvus-venv protos models system-packages lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The in-process layer alone (no servers, no models): under a minute.
+test-unit: venv protos
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) $(MILVUS_VENV) $(BENCH_VENV) $(LOAD_VENV) $(GEN_DIR) $(MODEL_REPO) node_modules build .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(TRITON_VENV) $(MILVUS_VENV) $(BENCH_VENV) $(LOAD_VENV) $(GEN_DIR) $(INTERNAL_GEN_DIR) $(MODEL_REPO) node_modules build .mypy_cache .ruff_cache .pytest_cache

@@ -32,9 +32,10 @@ from typing import Any
 
 import grpc
 import numpy as np
-from facegrid.launcher import ServiceGroup
-from facegrid.milvus_server import MilvusServer
-from facegrid.v1 import common_pb2, resources_pb2, search_pb2, search_pb2_grpc
+from facegrid.internal.v1 import search_pb2, search_pb2_grpc
+from facegrid.v1 import common_pb2, resources_pb2
+from facegrid_harness.launcher import ServiceGroup
+from facegrid_harness.milvus_server import MilvusServer
 from numpy.typing import NDArray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def create(stub: search_pb2_grpc.SearchServiceStub, faces: int) -> tuple[str, ND
         for c in (0.0, 1.0)
     ]
     stub.CreateCollection(
-        S.SearchServiceCreateCollectionRequest(
+        S.CreateCollectionRequest(
             collection_id=collection_id,
             collection=resources_pb2.Collection(
                 dimension=DIM,
@@ -84,7 +85,7 @@ def create(stub: search_pb2_grpc.SearchServiceStub, faces: int) -> tuple[str, ND
     vectors = unit(faces, seed=1)
     for start in range(0, faces, 500):
         stub.BatchUpsertFaces(
-            S.SearchServiceBatchUpsertFacesRequest(
+            S.BatchUpsertFacesRequest(
                 parent=parent,
                 faces=[
                     face(parent, str(uuid.UUID(int=i + 1)), vectors[i])
@@ -100,7 +101,7 @@ def search(
     stub: search_pb2_grpc.SearchServiceStub, parent: str, vector: NDArray[np.float32], k: int
 ) -> list[str]:
     reply = stub.SearchFaces(
-        S.SearchServiceSearchFacesRequest(
+        S.SearchFacesRequest(
             parent=parent, queries=[embedding(vector)], model_version=MODEL, top_k=k
         ),
         timeout=TIMEOUT_S,
@@ -131,7 +132,7 @@ def measure(level: str, milvus_uri: str, work: Path, faces: int, trials: int) ->
             for i in range(trials):
                 name = f"{parent}/faces/{uuid.UUID(int=i + 1)}"
                 writer.BatchDeleteFaces(
-                    S.SearchServiceBatchDeleteFacesRequest(parent=parent, names=[name]),
+                    S.BatchDeleteFacesRequest(parent=parent, names=[name]),
                     timeout=TIMEOUT_S,
                 )
                 if str(uuid.UUID(int=i + 1)) in search(reader, parent, vectors[i], 5):
@@ -141,7 +142,7 @@ def measure(level: str, milvus_uri: str, work: Path, faces: int, trials: int) ->
             for i in range(trials):
                 face_id = str(uuid.uuid4())
                 writer.BatchUpsertFaces(
-                    S.SearchServiceBatchUpsertFacesRequest(
+                    S.BatchUpsertFacesRequest(
                         parent=parent, faces=[face(parent, face_id, fresh[i])]
                     ),
                     timeout=TIMEOUT_S,
@@ -149,7 +150,7 @@ def measure(level: str, milvus_uri: str, work: Path, faces: int, trials: int) ->
                 if face_id not in search(reader, parent, fresh[i], 1):
                     missed += 1
             writer.DeleteCollection(
-                S.SearchServiceDeleteCollectionRequest(name=parent, force=True), timeout=TIMEOUT_S
+                S.DeleteCollectionRequest(name=parent, force=True), timeout=TIMEOUT_S
             )
         ordered = sorted(latencies)
         return {

@@ -12,7 +12,7 @@ and 2, and the CNN detector (dlib's MMOD, the same network as facegrid's) at ups
 and 1 (not 1 on the CompreFace set: minutes a photo on 2 cores). Photos longer than
 1,600 pixels are shrunk to that first for face_recognition too, as facegrid's detection
 does (`images.detect_max_side`), and boxes scaled back. Both are scored by
-facegrid.evaluation.crowds (IoU >= 0.5 against the boxes, counts, nose points), which
+facegrid_eval.crowds (IoU >= 0.5 against the boxes, counts, nose points), which
 the worker imports alone from this checkout. Time per photo is wall time; facegrid's
 includes the gRPC call, face_recognition's its own decode.
 """
@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "services"))
 
-from facegrid.evaluation import crowds  # noqa: E402
+from facegrid_eval import crowds  # noqa: E402
 
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 FACE_RECOGNITION_SETTINGS = (("hog", 0), ("hog", 1), ("hog", 2), ("cnn", 0), ("cnn", 1))

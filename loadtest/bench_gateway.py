@@ -80,19 +80,16 @@ if WORKER_FLAG not in sys.argv[1:2]:
     # The face_recognition worker runs this file under .venv-bench: none of these there.
     import grpc
     from facegrid.auth import ALL_SCOPES, bearer_metadata, create_token
-    from facegrid.launcher import UP_ORDER, ServiceGroup
-    from facegrid.v1 import (
-        common_pb2,
+    from facegrid.internal.v1 import (
         detection_pb2,
         detection_pb2_grpc,
         embedding_pb2,
         embedding_pb2_grpc,
-        face_service_pb2,
-        face_service_pb2_grpc,
-        resources_pb2,
         search_pb2,
         search_pb2_grpc,
     )
+    from facegrid.v1 import common_pb2, face_service_pb2, face_service_pb2_grpc, resources_pb2
+    from facegrid_harness.launcher import UP_ORDER, ServiceGroup
     from rich.console import Console
     from rich.table import Table
 
@@ -311,7 +308,7 @@ def load_gallery(
     for first in range(0, len(gallery), UPSERT_BATCH):
         block = gallery[first : first + UPSERT_BATCH]
         search.BatchUpsertFaces(
-            search_pb2.SearchServiceBatchUpsertFacesRequest(
+            search_pb2.BatchUpsertFacesRequest(
                 parent=PARENT,
                 faces=[
                     resources_pb2.Face(
@@ -326,7 +323,7 @@ def load_gallery(
         )
     load_s = time.perf_counter() - start
     stored = search.GetCollection(
-        search_pb2.SearchServiceGetCollectionRequest(name=PARENT), timeout=60
+        search_pb2.GetCollectionRequest(name=PARENT), timeout=60
     ).collection.face_count
     state = {
         "faces": int(stored),
@@ -369,15 +366,13 @@ def bench_facegrid(
         )
         first = face.SearchFacesByImage(by_image, metadata=metadata, timeout=60)
         threshold = first.threshold.applied
-        detect_request = detection_pb2.DetectionServiceDetectFacesRequest(
+        detect_request = detection_pb2.DetectFacesRequest(
             image=jpeg, max_faces=DETECT_MAX_FACES, include_chips=True
         )
         detected = detect.DetectFaces(detect_request, timeout=60)
-        embed_request = embedding_pb2.EmbeddingServiceEmbedChipsRequest(
-            chips=[detected.faces[0].chip]
-        )
+        embed_request = embedding_pb2.EmbedChipsRequest(chips=[detected.faces[0].chip])
         embedded = embed.EmbedChips(embed_request, timeout=60)
-        search_request = search_pb2.SearchServiceSearchFacesRequest(
+        search_request = search_pb2.SearchFacesRequest(
             parent=PARENT,
             queries=[common_pb2.Embedding(values=embedded.embeddings[0].values)],
             model_version=embedded.model_version,
@@ -386,7 +381,7 @@ def bench_facegrid(
         )
         # Cheap calls that show the cost of a hop: the gateway's GetCollection (one
         # extra hop to search) and search's own; GetAuditRecord adds an audit write.
-        get_direct = search_pb2.SearchServiceGetCollectionRequest(name=PARENT)
+        get_direct = search_pb2.GetCollectionRequest(name=PARENT)
         get_gateway = face_service_pb2.GetCollectionRequest(name=PARENT)
         get_audit = face_service_pb2.GetAuditRecordRequest(name=first.audit_record)
 

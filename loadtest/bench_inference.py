@@ -35,18 +35,20 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
 from conftest import ServiceProcess, faces_dir, start_service  # noqa: E402
-from facegrid.models.repository import TritonBackend, build_repository, onnx_path  # noqa: E402
-from facegrid.models.weights import detector_weights, landmarks_weights  # noqa: E402
-from facegrid.triton_server import TritonInstall, TritonServer  # noqa: E402
-from facegrid.v1 import (  # noqa: E402
-    common_pb2,
+from facegrid.internal.v1 import (  # noqa: E402
     detection_pb2,
     detection_pb2_grpc,
     embedding_pb2,
     embedding_pb2_grpc,
 )
+from facegrid.models.repository import TritonBackend, onnx_path  # noqa: E402
+from facegrid.models.weights import detector_weights, landmarks_weights  # noqa: E402
+from facegrid.v1 import common_pb2  # noqa: E402
+from facegrid_harness.triton_server import TritonInstall, TritonServer  # noqa: E402
+from facegrid_models.build import build_repository  # noqa: E402
 from grpc_helpers import png_bytes  # noqa: E402
 
 
@@ -77,7 +79,7 @@ def raw_embedder(repo: Path, chips: NDArray[np.uint8], batch: int, repeat: int) 
 
 
 def service_embedder(address: str, chips: NDArray[np.uint8], batch: int, repeat: int) -> float:
-    request = embedding_pb2.EmbeddingServiceEmbedChipsRequest(
+    request = embedding_pb2.EmbedChipsRequest(
         chips=[common_pb2.Chip(rgb=c.tobytes(), width=150, height=150) for c in chips[:batch]]
     )
     with grpc.insecure_channel(address) as channel:
@@ -106,9 +108,7 @@ def service_detection_ms(
     with grpc.insecure_channel(address) as channel:
         stub = detection_pb2_grpc.DetectionServiceStub(channel)
         for name, pixels in images:
-            request = detection_pb2.DetectionServiceDetectFacesRequest(
-                image=png_bytes(pixels), upsample=upsample
-            )
+            request = detection_pb2.DetectFacesRequest(image=png_bytes(pixels), upsample=upsample)
             out[name] = 1000 * statistics.median(
                 timed(lambda r=request: stub.DetectFaces(r, timeout=120), repeat)
             )

@@ -82,18 +82,17 @@ from typing import Any
 import av
 import grpc
 from facegrid.auth import ALL_SCOPES, bearer_metadata, create_token
-from facegrid.launcher import FACE_SERVICES, ServiceGroup
-from facegrid.nats_server import NatsServer
+from facegrid.internal.v1 import detection_pb2, detection_pb2_grpc
 from facegrid.v1 import (
     common_pb2,
-    detection_pb2,
-    detection_pb2_grpc,
     face_service_pb2,
     face_service_pb2_grpc,
     ingest_pb2,
     ingest_pb2_grpc,
     resources_pb2,
 )
+from facegrid_harness.launcher import FACE_SERVICES, ServiceGroup
+from facegrid_harness.nats_server import NatsServer
 from google.protobuf import duration_pb2
 from PIL import Image
 from rich.console import Console
@@ -101,7 +100,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.media_servers import RtspServer  # noqa: E402
+from tests.e2e.media_servers import RtspServer  # noqa: E402
 
 FACES = Path(os.environ.get("FACEGRID_TEST_FACES", ROOT.parent / "shared" / "data" / "faces"))
 CLIP = FACES / "video" / "short_hamilton_clip.mp4"
@@ -335,9 +334,7 @@ def bench_detection(stack: Stack, clip: Clip, seconds: float, callers: int) -> d
     """DetectFaces on the sampled frames, back to back, by ``callers`` threads at once."""
     detect = detection_pb2_grpc.DetectionServiceStub(stack.channel("detection"))
     requests = [
-        detection_pb2.DetectionServiceDetectFacesRequest(
-            image=jpeg, max_faces=DETECT_MAX_FACES, include_chips=True
-        )
+        detection_pb2.DetectFacesRequest(image=jpeg, max_faces=DETECT_MAX_FACES, include_chips=True)
         for jpeg in clip.jpegs
     ]
     for request in requests[:3]:  # warm-up

@@ -11,7 +11,7 @@ of `facegrid eval`), exactly as `facegrid eval --pairs` computes it. face_recogn
 with one upsampling (its default), `face_encodings` (5-point landmarks, no jitter),
 and Euclidean distances between raw descriptors. Both pick, in each photo, the face
 nearest the centre (LFW's labels; --face largest for the largest face), both count a
-photo without a face as "different", and both use facegrid.evaluation.protocol for the
+photo without a face as "different", and both use facegrid_eval.protocol for the
 folds and thresholds (the worker imports only that module, numpy and the standard
 library from this checkout).
 """
@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "services"))
 
-from facegrid.evaluation import protocol  # noqa: E402
+from facegrid_eval import protocol  # noqa: E402
 
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 
@@ -89,8 +89,8 @@ def face_recognition_worker(folder: Path, pairs_file: Path, face: str, model: st
 
 
 def facegrid_figure(folder: Path, pairs_file: Path, face: str) -> dict[str, Any]:
-    from facegrid.evaluation import labels
-    from facegrid.evaluation.faces import DEFAULT_CACHE_DIR, face_client
+    from facegrid_eval import labels
+    from facegrid_eval.faces import DEFAULT_CACHE_DIR, face_client
 
     pairs = protocol.read_pairs(pairs_file)
     label_set = labels.discover(folder)

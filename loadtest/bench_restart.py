@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import ServiceProcess, start_service  # noqa: E402
 from facegrid.config import StoreSettings  # noqa: E402
-from facegrid.v1 import common_pb2, resources_pb2, search_pb2, search_pb2_grpc  # noqa: E402
+from facegrid.internal.v1 import search_pb2, search_pb2_grpc  # noqa: E402
+from facegrid.v1 import common_pb2, resources_pb2  # noqa: E402
 from facegrid_search import snapshot  # noqa: E402
 from facegrid_search.core import SearchCore  # noqa: E402
 from facegrid_search.records import CollectionSpec, FaceRow  # noqa: E402
@@ -91,13 +92,13 @@ def answers(service: ServiceProcess, queries: np.ndarray) -> tuple[int, list[lis
     with grpc.insecure_channel(service.address) as channel:
         stub = search_pb2_grpc.SearchServiceStub(channel)
         collection = stub.GetCollection(
-            S.SearchServiceGetCollectionRequest(name=f"collections/{COLLECTION}"), timeout=60
+            S.GetCollectionRequest(name=f"collections/{COLLECTION}"), timeout=60
         ).collection
         found = []
         for face_filter in (None, resources_pb2.FaceFilter(source_ids=["cam-7"])):
             for query in queries:
                 reply = stub.SearchFaces(
-                    S.SearchServiceSearchFacesRequest(
+                    S.SearchFacesRequest(
                         parent=f"collections/{COLLECTION}",
                         queries=[common_pb2.Embedding(values=query.tolist())],
                         model_version=collection.model_version,

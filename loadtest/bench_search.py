@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import start_service  # noqa: E402
-from facegrid.v1 import common_pb2, resources_pb2, search_pb2, search_pb2_grpc  # noqa: E402
+from facegrid.internal.v1 import search_pb2, search_pb2_grpc  # noqa: E402
+from facegrid.v1 import common_pb2, resources_pb2  # noqa: E402
 
 DIM = 128
 K = 10
@@ -190,7 +191,7 @@ def bench_service(
         with grpc.insecure_channel(service.address) as channel:
             stub = search_pb2_grpc.SearchServiceStub(channel)
             stub.CreateCollection(
-                S.SearchServiceCreateCollectionRequest(
+                S.CreateCollectionRequest(
                     collection_id="bench",
                     collection=resources_pb2.Collection(
                         dimension=DIM, model_version=MODEL, similarity_calibration=calibration()
@@ -211,16 +212,14 @@ def bench_service(
                     for i in range(first, min(len(data), first + 1000))
                 ]
                 stub.BatchUpsertFaces(
-                    S.SearchServiceBatchUpsertFacesRequest(parent="collections/bench", faces=faces),
+                    S.BatchUpsertFacesRequest(parent="collections/bench", faces=faces),
                     timeout=600,
                 )
             out["load_s"] = time.perf_counter() - start
             index_of = {face_id: i for i, face_id in enumerate(face_ids)}
 
-            def request(
-                vectors: NDArray[np.float32], **fields: object
-            ) -> S.SearchServiceSearchFacesRequest:
-                return S.SearchServiceSearchFacesRequest(
+            def request(vectors: NDArray[np.float32], **fields: object) -> S.SearchFacesRequest:
+                return S.SearchFacesRequest(
                     parent="collections/bench",
                     queries=[common_pb2.Embedding(values=v.tolist()) for v in vectors],
                     model_version=MODEL,
@@ -230,7 +229,7 @@ def bench_service(
 
             def run(name: str, allowed: NDArray[np.bool_] | None, **fields: object) -> None:
                 requests = [request(queries[i : i + 1], **fields) for i in range(len(queries))]
-                replies: list[S.SearchServiceSearchFacesResponse] = []
+                replies: list[S.SearchFacesResponse] = []
                 p50, p99 = latency(
                     lambda i: replies.append(stub.SearchFaces(requests[i], timeout=60)),
                     len(requests),

@@ -34,8 +34,8 @@ from numpy.typing import NDArray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
 
-from facegrid.evaluation import labels, metrics
-from facegrid.evaluation.faces import DEFAULT_CACHE_DIR, face_client
+from facegrid_eval import labels, metrics
+from facegrid_eval.faces import DEFAULT_CACHE_DIR, face_client
 
 Rule = Callable[[NDArray[np.float64], NDArray[np.float64]], float]
 

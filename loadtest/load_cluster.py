@@ -4,7 +4,7 @@ is killed with SIGKILL. Run by hand (`make load-cluster`); figures in README.
 
     .venv/bin/python loadtest/load_cluster.py --users 16 --rate 0.125 --seconds 200
 
-1. A real Milvus 2.3 server (`.venv-milvus`) and the cluster of tests/cluster.py: two
+1. A real Milvus 2.3 server (`.venv-milvus`) and the cluster of tests/e2e/cluster.py: two
    replicas of detection, embedding, search, gateway and ingest behind DNS names, one
    PostgreSQL audit chain.
 2. The collection ``load``, seeded with the photos of ../shared/data/faces/knn/train.
@@ -41,12 +41,12 @@ from typing import Any
 
 import grpc
 from facegrid.audit_chain import verify_chain
-from facegrid.milvus_server import MilvusServer
 from facegrid.v1 import face_service_pb2, face_service_pb2_grpc, resources_pb2
+from facegrid_harness.milvus_server import MilvusServer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.cluster import HOSTS, KINDS, Cluster, all_audit_records, running_cluster  # noqa: E402
+from tests.e2e.cluster import HOSTS, KINDS, Cluster, all_audit_records, running_cluster  # noqa: E402
 
 F = face_service_pb2
 FACES = Path(os.environ.get("FACEGRID_TEST_FACES", ROOT.parent / "shared" / "data" / "faces"))

@@ -7,7 +7,7 @@ requirements/milvus.txt` into .venv-milvus):
     .venv/bin/python loadtest/milvus_facts.py [--milvus-venv .venv-milvus] [--only lite]
 
 It runs one scenario against Milvus Lite (a temporary ``x.db``) and against a real
-Milvus 2.3.5 standalone server (services/facegrid/milvus_server.py, temporary base dir):
+Milvus 2.3.5 standalone server (services/facegrid_harness/milvus_server.py, temporary base dir):
 the collection schema and index from configuration (FLAT and HNSW, IP on unit vectors),
 load, insert vs upsert, deletes by ids and by filter, query (filters, output fields,
 limit/offset pages, query_iterator, count(*)), get, filtered search checked against an
@@ -43,7 +43,7 @@ from pymilvus import DataType, MilvusClient, MilvusException
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "services"))
 
-from facegrid.milvus_server import MilvusServer  # noqa: E402
+from facegrid_harness.milvus_server import MilvusServer  # noqa: E402
 
 DIM = 128
 SECOND_US = 1_000_000

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import signal
+import struct
 import subprocess
-import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +13,11 @@ from pathlib import Path
 import grpc
 import pytest
 from facegrid.auth import ALL_SCOPES, bearer_metadata, create_token
-from facegrid.launcher import FACE_SERVICES, ServiceGroup, wait_healthy
-from facegrid.models.repository import TritonBackend, build_repository
-from facegrid.processes import free_ports
-from facegrid.triton_server import TritonInstall, TritonServer
+from facegrid.models.repository import TritonBackend
+from facegrid_harness.launcher import FACE_SERVICES, ServiceGroup, serve_command, wait_healthy
+from facegrid_harness.processes import free_ports, stop_process
+from facegrid_harness.triton_server import TritonInstall, TritonServer
+from facegrid_models.build import build_repository
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRITON_VENV = PROJECT_ROOT / ".venv-triton"
@@ -90,14 +91,7 @@ class ServiceProcess:
     log_path: Path
 
     def stop(self, timeout_s: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return int(self.process.returncode)
+        return stop_process(self.process, timeout_s)
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -117,10 +111,8 @@ def start_service(
     (asking over TLS with ``credentials`` when it serves TLS)."""
     port, metrics_port = free_ports(2)
     log_path = work_dir / f"{name}-{port}.log"
-    command = [sys.executable, "-m", "facegrid.cli", "serve", name, "--port", str(port)]
     # Its metrics on a free port too, so that several of a kind can run side by side.
-    for override in [f"{name}.metrics_port={metrics_port}", *overrides]:
-        command += ["--set", override]
+    command = serve_command(name, port, [f"{name}.metrics_port={metrics_port}", *overrides])
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     service = ServiceProcess(name, f"127.0.0.1:{port}", process, log_path)
@@ -194,7 +186,7 @@ STORES = ["lite", "server"]
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Milvus 2.3 standalone server (the `milvus` PyPI package) on 127.0.0.1."""
-    from facegrid.milvus_server import MilvusServer
+    from facegrid_harness.milvus_server import MilvusServer
 
     if not (MILVUS_VENV / "bin" / "python").exists():
         pytest.fail(f"{MILVUS_VENV} is missing: run `make milvus-venv` (make test does)")
@@ -302,8 +294,20 @@ def e2e_stack(
     stack = start_stack(
         inference_overrides(backend, model_repo, triton),
         tmp_path_factory.mktemp(f"stack-{backend}"),
-        # Retention sweeps every second (tests/test_gateway.py's retention test).
+        # Retention sweeps every second (tests/e2e/test_gateway.py's retention test).
         {"gateway": ["gateway.retention_interval_s=1"]},
     )
     yield stack
     stop_stack(stack)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG that claims a huge size: a decompression bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1024, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

@@ -1,7 +1,9 @@
 """Authentication, scopes and audit around every public call (gateway and ingest).
 
-Each public method is declared with the scope it needs and whether it is audited.
-The wrapper authenticates the bearer token (UNAUTHENTICATED), checks the scope
+What each public method needs is the contract's (:mod:`facegrid.methods`): its scope
+(the ``required_scope`` option), and an audit record unless the method has no side
+effects (``idempotency_level = NO_SIDE_EFFECTS``: reads of the gallery). The wrapper
+authenticates the bearer token (UNAUTHENTICATED), checks the scope
 (PERMISSION_DENIED), runs the method with an :class:`AuditDraft` to fill in, and for
 audited methods writes the record, success or failure, before anything is returned.
 If the record cannot be written the call fails with UNAVAILABLE and returns nothing.
@@ -23,7 +25,7 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.rpc import error_details_pb2
 
-from facegrid import telemetry, validation
+from facegrid import methods, telemetry, validation
 from facegrid.audit_log import AuditLog
 from facegrid.auth import AUTHORIZATION_HEADER, BEARER_PREFIX, Credentials, Principal
 from facegrid.authenticator import Authenticator
@@ -107,6 +109,18 @@ class Gatekeeper:
         )
         self.audit_log = audit_log
         self.service_name = service_name  # e.g. facegrid.v1.FaceService, for record methods
+        self._methods = methods.of_service(service_name)
+        unscoped = sorted(name for name, facts in self._methods.items() if not facts.required_scope)
+        if unscoped:
+            raise ValueError(f"{service_name}: no required_scope option on {unscoped}")
+
+    def scope(self, method_name: str) -> str:
+        """The scope a caller needs for one of the service's methods."""
+        return self._methods[method_name].required_scope
+
+    def audited(self, method_name: str) -> bool:
+        """Whether a call of the method is audited: unless it has no side effects."""
+        return self._methods[method_name].idempotency_level != methods.NO_SIDE_EFFECTS
 
     async def authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
         for key, value in context.invocation_metadata() or ():
@@ -174,15 +188,13 @@ class Gatekeeper:
                 "PURPOSE_NOT_ALLOWED",
             )
 
-    async def admit(
-        self, method_name: str, scope: str, context: grpc.aio.ServicerContext
-    ) -> AuditDraft:
+    async def admit(self, method_name: str, context: grpc.aio.ServicerContext) -> AuditDraft:
         """For streaming methods, which cannot be wrapped by :func:`guarded`: authenticate
         and check the scope (a refusal is audited); the caller fills in the draft and
         writes it with :meth:`write` before it streams anything."""
         draft = await self._draft(method_name, context)
         try:
-            self._check_scope(draft, method_name, scope)
+            self._check_scope(draft, method_name, self.scope(method_name))
         except ServiceError as error:
             await self._write(draft, error.code)
             raise
@@ -196,16 +208,15 @@ class Gatekeeper:
     async def run(
         self,
         method_name: str,
-        scope: str,
-        audited: bool,
         method: Method,
         servicer: Any,
         request: Any,
         context: grpc.aio.ServicerContext,
     ) -> Any:
+        audited = self.audited(method_name)
         draft = await self._draft(method_name, context)
         try:
-            self._check_scope(draft, method_name, scope)
+            self._check_scope(draft, method_name, self.scope(method_name))
             given = _identification_context(request)
             if given is not None:
                 draft.context(given)  # on the record even if refused before the method
@@ -272,17 +283,12 @@ def _request_id(request: Any) -> str:
     return str(validation.request_id(request.request_id))
 
 
-def guarded(scope: str, audited: bool) -> Callable[[Method], Callable[..., Awaitable[Any]]]:
-    """Declare a servicer method's scope and whether it is audited."""
+def guarded(method: Method) -> Callable[..., Awaitable[Any]]:
+    """Wrap a servicer method: authentication, its scope, its audit record (see above)."""
 
-    def decorate(method: Method) -> Callable[..., Awaitable[Any]]:
-        @functools.wraps(method)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            gatekeeper: Gatekeeper = self.gatekeeper
-            return await gatekeeper.run(
-                method.__name__, scope, audited, method, self, request, context
-            )
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        gatekeeper: Gatekeeper = self.gatekeeper
+        return await gatekeeper.run(method.__name__, method, self, request, context)
 
-        return wrapper
-
-    return decorate
+    return wrapper

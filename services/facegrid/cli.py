@@ -3,24 +3,63 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
+from types import ModuleType
 
-from facegrid import auth, config_reference, launcher
-from facegrid.client import commands as client_commands
-from facegrid.client import watch as watch_commands
+from facegrid import auth, serving
 from facegrid.config import add_overrides_argument, load_settings
-from facegrid.evaluation import commands as evaluation_commands
 from facegrid.models.repository import TritonBackend
 
-# The demo collection's manifest ships in the package, so `facegrid up` seeds it anywhere.
-DEMO_MANIFEST = Path(str(resources.files("facegrid.demo").joinpath("demo.toml")))
+# Sub-commands that live outside the runtime kernel, loaded only when named, so that
+# `facegrid serve NAME` imports neither the client nor the evaluation tools: the first
+# word of the command line -> the module whose ``register(commands)`` adds it.
+LAZY_COMMANDS = {
+    "collections": "facegrid_client.commands",
+    "index": "facegrid_client.commands",
+    "seed": "facegrid_client.commands",
+    "detect": "facegrid_client.commands",
+    "search": "facegrid_client.commands",
+    "search-face": "facegrid_client.commands",
+    "compare": "facegrid_client.commands",
+    "faces": "facegrid_client.commands",
+    "subjects": "facegrid_client.commands",
+    "audit": "facegrid_client.commands",
+    "watch": "facegrid_client.watch",
+    "processors": "facegrid_client.watch",
+    "config": "facegrid.config_reference",
+    "eval": "facegrid_eval.commands",
+    "calibrate": "facegrid_eval.commands",
+    "eval-detection": "facegrid_eval.commands",
+}
+# Each tool's package -> the extra that installs what it needs (pyproject.toml).
+TOOL_EXTRAS = {
+    "facegrid_client": "client",
+    "facegrid_eval": "eval",
+    "facegrid_models": "models",
+    "facegrid_harness": "harness",
+}
+
+
+def import_tool(module: str) -> ModuleType:
+    """Import a tool's module, or exit naming the extra that would install what it lacks."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        extra = TOOL_EXTRAS.get(module.split(".")[0])
+        if extra is None:
+            raise
+        raise SystemExit(
+            f"facegrid: this command needs {error.name}, which the {extra} extra installs:"
+            f" pip install 'facegrid[{extra}]'"
+        ) from error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(next((word for word in words if not word.startswith("-")), ""))
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)
     if handler is None:
@@ -29,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(handler(args))
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facegrid", description=__doc__)
     commands = parser.add_subparsers(title="commands")
 
@@ -48,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     build.set_defaults(handler=_models_build)
 
     serve = commands.add_parser("serve", help="run one service in the foreground")
-    serve.add_argument("service", choices=sorted(launcher.SERVICES))
+    serve.add_argument("service", choices=sorted(serving.SERVICES))
     add_overrides_argument(serve)
     serve.add_argument("--port", type=int, help="port to listen on (0: any free port)")
     serve.set_defaults(handler=_serve)
@@ -111,17 +150,18 @@ def _parser() -> argparse.ArgumentParser:
     triton.add_argument("--venv", type=Path, default=Path(".venv-triton"))
     triton.set_defaults(handler=_triton)
 
-    client_commands.register(commands)
-    watch_commands.register(commands)
-    config_reference.register(commands)
-    evaluation_commands.register(commands)
+    module = LAZY_COMMANDS.get(command)
+    if module is not None:
+        import_tool(module).register(commands)
+    else:  # listed in --help; any one of them named loads its module instead
+        for name in LAZY_COMMANDS:
+            commands.add_parser(name, help=f"(see facegrid {name} --help)")
     return parser
 
 
 def _models_build(args: argparse.Namespace) -> int:
-    from facegrid.models.repository import build_repository
-
-    built = build_repository(args.repo, TritonBackend(args.backend))
+    build = import_tool("facegrid_models.build")
+    built = build.build_repository(args.repo, TritonBackend(args.backend))
     for model in built:
         print(f"{model.name:15} {model.model_version:18} sha256:{model.sha256[:16]}  {model.path}")
     return 0
@@ -131,21 +171,22 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.port is not None:
         overrides.append(f"{args.service}.port={args.port}")
-    return launcher.serve_one(args.service, overrides)
+    return serving.serve_one(args.service, overrides)
 
 
 def _up(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     settings = load_settings(overrides)
     token = auth.ensure_local_admin(settings.gateway.credentials_file)
-    manifests: list[Path] = ([DEMO_MANIFEST] if args.demo else []) + list(args.seed)
+    seeding = import_tool("facegrid_client.seeding")
+    launcher = import_tool("facegrid_harness.launcher")
+
+    manifests: list[Path] = ([seeding.DEMO_MANIFEST] if args.demo else []) + list(args.seed)
 
     def seed(addresses: dict[str, str]) -> None:
-        from facegrid.client.seeding import seed_manifest
-
         for manifest in manifests:
             try:
-                summary = seed_manifest(manifest, addresses["gateway"], token)
+                summary = seeding.seed_manifest(manifest, addresses["gateway"], token)
             except Exception as error:  # a bad manifest must not take the system down
                 print(f"  seeding {manifest} failed: {error}", flush=True)
                 continue
@@ -156,7 +197,7 @@ def _up(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    return launcher.up(overrides, after_start=seed)
+    return int(launcher.up(overrides, after_start=seed))
 
 
 def _token_create(args: argparse.Namespace) -> int:
@@ -169,7 +210,8 @@ def _token_create(args: argparse.Namespace) -> int:
 
 
 def _triton(args: argparse.Namespace) -> int:
-    return launcher.run_triton(args.repo, args.venv)
+    launcher = import_tool("facegrid_harness.launcher")
+    return int(launcher.run_triton(args.repo, args.venv))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Generated from :class:`facegrid.config.Settings`, so it cannot drift from the code: the
 README carries the table between two markers, ``facegrid config reference --write
-README.md`` rewrites it and ``tests/test_config_reference.py`` fails when it is stale.
+README.md`` rewrites it and ``tests/unit/test_config_reference.py`` fails when it is stale.
 A setting without a description is an error here, so every new setting gets documented.
 """
 

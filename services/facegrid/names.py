@@ -16,6 +16,7 @@ FACE_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 SUBJECT_ID = re.compile(r"^[a-zA-Z0-9_.\-:]{1,128}$")
 EXTERNAL_IMAGE_ID = re.compile(r"^[a-zA-Z0-9_.\-:]{1,255}$")
 SOURCE_ID = re.compile(r"^[a-zA-Z0-9_.\-:]{1,128}$")
+STREAM_PROCESSOR_ID = COLLECTION_ID  # the same AIP-122 form
 IMAGE_ID = FACE_ID
 
 

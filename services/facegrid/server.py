@@ -11,6 +11,7 @@ turns NOT_SERVING, a drain pause, then in-flight calls get a grace period).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -26,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from facegrid import tls
-from facegrid.config import ServerSettings, TlsSettings
+from facegrid.config import ServerSettings, Settings, TlsSettings
 from facegrid.errors import ServiceError, internal
 from facegrid.logs import log_rpc
 from facegrid.metrics import RPC_ERRORS, RPC_LATENCY, RPC_REQUESTS
@@ -137,36 +138,45 @@ def _reason(error: ServiceError) -> str:
     return ""
 
 
+@contextlib.asynccontextmanager
+async def _recorded(context: grpc.aio.ServicerContext, call: _CallRecorder) -> AsyncIterator[None]:
+    """How a call ends, as its status and its record: a ServiceError becomes its rich
+    status, running out of time DEADLINE_EXCEEDED, anything unexpected INTERNAL (logged,
+    never shown); the code, time and reason are counted and logged."""
+    started = time.perf_counter()
+    code, reason = grpc.StatusCode.OK, ""
+    try:
+        yield
+    except ServiceError as exc:
+        code, reason = exc.code, _reason(exc)
+        await _abort(context, exc)
+    except TimeoutError:
+        code = grpc.StatusCode.DEADLINE_EXCEEDED
+        await _abort(context, _deadline_error(call.method))
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except Exception as exc:
+        if _is_abort(exc):
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        code = grpc.StatusCode.INTERNAL
+        log.exception("unhandled error in %s", call.method)
+        await _abort(context, internal(f"internal error in {call.method}"))
+    finally:
+        call.record(started, code, reason)
+
+
 def _wrap_unary(
     inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
     call: _CallRecorder,
     default_deadline_s: float | None = DEFAULT_DEADLINE_S,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        started = time.perf_counter()
-        code, reason = grpc.StatusCode.OK, ""
-        try:
+        async with _recorded(context, call):
             async with asyncio.timeout(_time_budget(context, default_deadline_s)):
                 return await inner(request, context)
-        except ServiceError as exc:
-            code, reason = exc.code, _reason(exc)
-            await _abort(context, exc)
-        except TimeoutError:
-            code = grpc.StatusCode.DEADLINE_EXCEEDED
-            await _abort(context, _deadline_error(call.method))
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:
-            if _is_abort(exc):
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            code = grpc.StatusCode.INTERNAL
-            log.exception("unhandled error in %s", call.method)
-            await _abort(context, internal(f"internal error in {call.method}"))
-        finally:
-            call.record(started, code, reason)
-        return None  # unreachable: abort raises
+        return None  # unreachable: a failed call is aborted
 
     return run
 
@@ -176,26 +186,9 @@ def _wrap_stream(
 ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         # Streams (watchers) may be long-lived: only the caller's deadline applies.
-        started = time.perf_counter()
-        code, reason = grpc.StatusCode.OK, ""
-        try:
+        async with _recorded(context, call):
             async for item in inner(request, context):
                 yield item
-        except ServiceError as exc:
-            code, reason = exc.code, _reason(exc)
-            await _abort(context, exc)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:
-            if _is_abort(exc):
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            code = grpc.StatusCode.INTERNAL
-            log.exception("unhandled error in %s", call.method)
-            await _abort(context, internal(f"internal error in {call.method}"))
-        finally:
-            call.record(started, code, reason)
 
     return run
 
@@ -255,6 +248,36 @@ def keepalive_ping_options(settings: ServerSettings) -> list[tuple[str, int]]:
     ]
 
 
+class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpc_health is untyped
+    """grpc's health servicer, whose Watch streams end (status OK) once the server stops.
+
+    Left open, the server's stop would cancel them, and grpc logs each cancelled stream
+    as an error with an asyncio CancelledError traceback, on every clean stop.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closing = asyncio.Event()
+
+    async def Watch(  # noqa: N802 (the gRPC method's name)
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait((watch, closing), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watch, closing):
+                task.cancel()
+            await asyncio.gather(watch, closing, return_exceptions=True)
+
+    def close_watches(self) -> None:
+        """End every Watch stream (they have been told NOT_SERVING already)."""
+        self._closing.set()
+
+
 class FacegridServer:
     """A running service: server, health status and graceful shutdown."""
 
@@ -269,7 +292,7 @@ class FacegridServer:
     ) -> None:
         self.name = name
         self.settings = settings
-        self.health = health.aio.HealthServicer()
+        self.health = _HealthServicer()
         self._names = [r.full_name for r in registrations]
         self.server = grpc.aio.server(
             # OpenTelemetry's first, so that the call's span is current in ours.
@@ -302,6 +325,22 @@ class FacegridServer:
                 raise RuntimeError(f"{name}: cannot bind {settings.host}:{settings.health_port}")
         self._stopped = asyncio.Event()
 
+    @classmethod
+    def for_service(
+        cls, name: str, registration: ServiceRegistration, settings: Settings, port: int | None
+    ) -> FacegridServer:
+        """Service ``name``'s server of its one gRPC service: on ``<name>.port`` (or
+        ``port``), at most ``<name>.max_concurrent_rpcs`` calls at once."""
+        section = getattr(settings, name)
+        return cls(
+            name,
+            [registration],
+            settings.server,
+            section.port if port is None else port,
+            section.max_concurrent_rpcs,
+            settings.tls,
+        )
+
     @property
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
@@ -322,6 +361,7 @@ class FacegridServer:
         await self.health.enter_graceful_shutdown()
         log.info("%s draining: health is NOT_SERVING", self.name)
         await asyncio.sleep(self.settings.drain_s)
+        self.health.close_watches()
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         await self.server.stop(grace)
         if self._health_server is not None:

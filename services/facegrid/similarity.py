@@ -6,7 +6,7 @@ match and false non-match rates measured at each point. Below the first point it
 the first point's similarity, above the last point the last's.
 
 The committed tables live in ``facegrid/calibrations/<model_version>.json`` and are
-written by ``facegrid calibrate`` (see :mod:`facegrid.evaluation.calibrate`), which
+written by ``facegrid calibrate`` (see :mod:`facegrid_eval.calibrate`), which
 measures the cosine similarities of genuine pairs (two photos of one person) and
 impostor pairs (two different people) on labelled photos. The scale is anchored on
 measured false match rates (FMR): similarity 50, 60, 70, 80 and 90 sit at the lowest
@@ -93,6 +93,10 @@ class Calibration:
     def similarity(self, cosine: float) -> float:
         return float(np.interp(cosine, self.cosines, self.similarities))
 
+    def score(self, cosine: float) -> Score:
+        """The figures every match reports, from its cosine similarity."""
+        return Score(self.similarity(cosine), cosine, unit_distance(cosine))
+
     def similarities_of(self, cosines: NDArray[np.floating[Any]]) -> NDArray[np.float64]:
         """Vectorised :meth:`similarity`."""
         return np.interp(np.asarray(cosines, np.float64), self.cosines, self.similarities)
@@ -151,6 +155,24 @@ def _interpolate_rate(
     if low_r > 0 and high_r > 0:
         return float(math.exp(math.log(low_r) + t * (math.log(high_r) - math.log(low_r))))
     return low_r + t * (high_r - low_r)
+
+
+@dataclass(frozen=True)
+class Score:
+    """One comparison of two embeddings, as a match reports it."""
+
+    similarity: float  # on the collection's (or model's) calibrated 0-100 scale
+    cosine: float
+    distance: float  # Euclidean, between the unit vectors
+
+    def admitted(self, threshold: float) -> bool:
+        """Whether the match reaches a similarity threshold (inclusive)."""
+        return self.similarity >= threshold
+
+
+def unit_distance(cosine: float) -> float:
+    """The Euclidean distance of two unit vectors with this cosine similarity."""
+    return math.sqrt(max(0.0, 2.0 - 2.0 * cosine))
 
 
 @dataclass(frozen=True)

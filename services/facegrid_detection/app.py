@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import grpc
-from facegrid import telemetry
+from facegrid import limits, telemetry
 from facegrid.config import Settings
 from facegrid.errors import invalid_arguments
 from facegrid.imaging import decode_image
 from facegrid.inference import create_backend
+from facegrid.internal.v1 import detection_pb2, detection_pb2_grpc
 from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
-from facegrid.v1 import common_pb2, detection_pb2, detection_pb2_grpc
+from facegrid.v1 import common_pb2
 
 from facegrid_detection.analysis import Landmark
 from facegrid_detection.pipeline import (
@@ -18,9 +19,6 @@ from facegrid_detection.pipeline import (
     DetectionPipeline,
 )
 
-MAX_FACES_LIMIT = 100
-# The detector finds faces of about 21 pixels at its largest enlargement.
-MIN_FACE_SIZE = 20
 MAX_FACE_SIZE = 100_000
 
 _LANDMARK_TYPES = {
@@ -39,9 +37,9 @@ class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):  # type: i
 
     async def DetectFaces(  # noqa: N802 - gRPC method name
         self,
-        request: detection_pb2.DetectionServiceDetectFacesRequest,
+        request: detection_pb2.DetectFacesRequest,
         context: grpc.aio.ServicerContext,
-    ) -> detection_pb2.DetectionServiceDetectFacesResponse:
+    ) -> detection_pb2.DetectFacesResponse:
         max_faces, min_confidence = _validate(request, self._settings.detection.min_confidence)
         with telemetry.span("detection.decode", image_bytes=len(request.image)):
             image = decode_image(request.image, self._settings.images)
@@ -50,7 +48,7 @@ class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):  # type: i
             image.pixels, max_faces, min_confidence, request.upsample, request.min_face_size
         )
         telemetry.annotate(face_count=len(found.faces), upsample=found.upsample)
-        return detection_pb2.DetectionServiceDetectFacesResponse(
+        return detection_pb2.DetectFacesResponse(
             faces=[
                 face_detail(face, image.width, image.height, request.include_chips)
                 for face in found.faces
@@ -65,12 +63,14 @@ class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):  # type: i
 
 
 def _validate(
-    request: detection_pb2.DetectionServiceDetectFacesRequest, default_min_confidence: float
+    request: detection_pb2.DetectFacesRequest, default_min_confidence: float
 ) -> tuple[int, float]:
     violations = []
-    max_faces = request.max_faces or MAX_FACES_LIMIT
-    if not 1 <= max_faces <= MAX_FACES_LIMIT:
-        violations.append(("max_faces", f"must be 1 to {MAX_FACES_LIMIT}, got {max_faces}"))
+    max_faces = request.max_faces or limits.MAX_FACES_PER_IMAGE
+    if not 1 <= max_faces <= limits.MAX_FACES_PER_IMAGE:
+        violations.append(
+            ("max_faces", f"must be 1 to {limits.MAX_FACES_PER_IMAGE}, got {max_faces}")
+        )
     min_confidence = (
         request.min_confidence if request.HasField("min_confidence") else default_min_confidence
     )
@@ -78,12 +78,10 @@ def _validate(
         violations.append(("min_confidence", f"must be 0 to 100, got {min_confidence}"))
     if not 0 <= request.upsample <= MAX_UPSAMPLE:
         violations.append(("upsample", f"must be 0 to {MAX_UPSAMPLE}, got {request.upsample}"))
-    if request.min_face_size and not MIN_FACE_SIZE <= request.min_face_size <= MAX_FACE_SIZE:
+    smallest, size = limits.MIN_FACE_SIZE, request.min_face_size
+    if size and not smallest <= size <= MAX_FACE_SIZE:
         violations.append(
-            (
-                "min_face_size",
-                f"must be {MIN_FACE_SIZE} to {MAX_FACE_SIZE} pixels, got {request.min_face_size}",
-            )
+            ("min_face_size", f"must be {smallest} to {MAX_FACE_SIZE} pixels, got {size}")
         )
     if request.min_face_size and request.upsample:
         violations.append(("min_face_size", "set either upsample or min_face_size, not both"))
@@ -149,25 +147,25 @@ def _landmark(
     )
 
 
+def build_server(
+    settings: Settings, servicer: DetectionServicer, port: int | None = None
+) -> FacegridServer:
+    """The detection service's gRPC server around a servicer built with its dependencies (in
+    the event loop it will run in); on ``detection.port`` unless ``port`` is given."""
+    registration = ServiceRegistration.of(
+        detection_pb2,
+        "DetectionService",
+        detection_pb2_grpc.add_DetectionServiceServicer_to_server,
+        servicer,
+    )
+    return FacegridServer.for_service("detection", registration, settings, port)
+
+
 async def serve(settings: Settings) -> None:
     backend = create_backend(settings.inference, [settings.inference.detector_model], settings.tls)
     pipeline = DetectionPipeline(settings, backend)
     servicer = DetectionServicer(settings, pipeline)
-    server = FacegridServer(
-        "detection",
-        [
-            ServiceRegistration.of(
-                detection_pb2,
-                "DetectionService",
-                detection_pb2_grpc.add_DetectionServiceServicer_to_server,
-                servicer,
-            )
-        ],
-        settings.server,
-        settings.detection.port,
-        settings.detection.max_concurrent_rpcs,
-        settings.tls,
-    )
+    server = build_server(settings, servicer)
 
     async def on_stop() -> None:
         await pipeline.close()

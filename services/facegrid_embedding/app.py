@@ -8,11 +8,12 @@ from facegrid import telemetry
 from facegrid.config import Settings
 from facegrid.errors import invalid_argument, invalid_arguments
 from facegrid.inference import InferenceBackend, create_backend
+from facegrid.internal.v1 import embedding_pb2, embedding_pb2_grpc
 from facegrid.metrics import QUEUE_DEPTH
 from facegrid.models.repository import EMBEDDER_SPEC
 from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
 from facegrid.similarity import load_calibration
-from facegrid.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
+from facegrid.v1 import common_pb2
 from numpy.typing import NDArray
 
 from facegrid_embedding.batcher import MicroBatcher
@@ -81,7 +82,7 @@ class Embedder:
 
 
 def chips_from_request(
-    request: embedding_pb2.EmbeddingServiceEmbedChipsRequest, max_chips: int
+    request: embedding_pb2.EmbedChipsRequest, max_chips: int
 ) -> NDArray[np.uint8]:
     count = len(request.chips)
     if count == 0:
@@ -114,13 +115,13 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):  # type: i
 
     async def EmbedChips(  # noqa: N802 - gRPC method name
         self,
-        request: embedding_pb2.EmbeddingServiceEmbedChipsRequest,
+        request: embedding_pb2.EmbedChipsRequest,
         context: grpc.aio.ServicerContext,
-    ) -> embedding_pb2.EmbeddingServiceEmbedChipsResponse:
+    ) -> embedding_pb2.EmbedChipsResponse:
         chips = chips_from_request(request, self._settings.embedding.max_chips_per_request)
         telemetry.annotate(chip_count=int(chips.shape[0]))
         vectors, norms = await self._embedder.embed(chips)
-        return embedding_pb2.EmbeddingServiceEmbedChipsResponse(
+        return embedding_pb2.EmbedChipsResponse(
             embeddings=[
                 common_pb2.Embedding(values=vector.tolist(), raw_norm=float(norm))
                 for vector, norm in zip(vectors, norms, strict=True)
@@ -131,13 +132,13 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):  # type: i
 
     async def GetModelInfo(  # noqa: N802 - gRPC method name
         self,
-        request: embedding_pb2.EmbeddingServiceGetModelInfoRequest,
+        request: embedding_pb2.GetModelInfoRequest,
         context: grpc.aio.ServicerContext,
-    ) -> embedding_pb2.EmbeddingServiceGetModelInfoResponse:
+    ) -> embedding_pb2.GetModelInfoResponse:
         model_version = await self._embedder.model_version()
         # The committed calibration of this model version; unset when there is none.
         record = load_calibration(model_version)
-        return embedding_pb2.EmbeddingServiceGetModelInfoResponse(
+        return embedding_pb2.GetModelInfoResponse(
             model_version=model_version,
             model_name=MODEL_NAME,
             dimension=DIMENSION,
@@ -151,27 +152,27 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):  # type: i
         )
 
 
+def build_server(
+    settings: Settings, servicer: EmbeddingServicer, port: int | None = None
+) -> FacegridServer:
+    """The embedding service's gRPC server around a servicer built with its dependencies (in
+    the event loop it will run in); on ``embedding.port`` unless ``port`` is given."""
+    registration = ServiceRegistration.of(
+        embedding_pb2,
+        "EmbeddingService",
+        embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server,
+        servicer,
+    )
+    return FacegridServer.for_service("embedding", registration, settings, port)
+
+
 async def serve(settings: Settings) -> None:
     backend = create_backend(settings.inference, [settings.inference.embedder_model], settings.tls)
     embedder = Embedder(settings, backend)
     embedder.batcher.start()
     QUEUE_DEPTH.labels("embedding_chips").set_function(lambda: embedder.batcher.queued_chips)
     servicer = EmbeddingServicer(settings, embedder)
-    server = FacegridServer(
-        "embedding",
-        [
-            ServiceRegistration.of(
-                embedding_pb2,
-                "EmbeddingService",
-                embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server,
-                servicer,
-            )
-        ],
-        settings.server,
-        settings.embedding.port,
-        settings.embedding.max_concurrent_rpcs,
-        settings.tls,
-    )
+    server = build_server(settings, servicer)
 
     async def on_stop() -> None:
         await embedder.batcher.close()

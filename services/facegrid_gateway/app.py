@@ -9,26 +9,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import uuid
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from facegrid import audit_checkpoint, field_masks, names, paging, validation
+from facegrid import audit_checkpoint, field_masks, limits, names, paging, validation
 from facegrid.accountability import AuditDraft, Gatekeeper, guarded
 from facegrid.audit_log import NAME_PREFIX, open_audit_log
-from facegrid.auth import (
-    SCOPE_ADMIN,
-    SCOPE_AUDIT,
-    SCOPE_COMPARE,
-    SCOPE_DELETE,
-    SCOPE_DETECT,
-    SCOPE_ENROL,
-    SCOPE_READ,
-    SCOPE_SEARCH,
-)
 from facegrid.authenticator import Authenticator
 from facegrid.config import Settings
 from facegrid.errors import invalid_argument, not_found
@@ -37,21 +26,15 @@ from facegrid.identification.downstream import Downstream
 from facegrid.identification.faces import FacePipeline, cosines, without_chip
 from facegrid.identification.flow import Identifier
 from facegrid.identification.policy import QualityPolicy, ThresholdPolicy, check_requested
+from facegrid.internal.v1 import search_pb2
 from facegrid.quotas import Quotas, open_quota_store
 from facegrid.retention import RetentionSchedule
 from facegrid.server import (
     FacegridServer,
     ServiceRegistration,
-    keepalive_ping_options,
     run_until_stopped,
 )
-from facegrid.v1 import (
-    common_pb2,
-    face_service_pb2,
-    face_service_pb2_grpc,
-    resources_pb2,
-    search_pb2,
-)
+from facegrid.v1 import common_pb2, face_service_pb2, face_service_pb2_grpc, resources_pb2
 from google.protobuf.message import Message
 
 from facegrid_gateway.retention import TASK as FACE_RETENTION_TASK
@@ -64,8 +47,6 @@ S = search_pb2
 Context: TypeAlias = grpc.aio.ServicerContext
 Reason = F.UnindexedReason
 
-MAX_DETECT_FACES = 100
-MAX_INDEX_FACES = 100
 MAX_MATCHES = 4096
 DEFAULT_MATCHES = 10
 MAX_SUBJECT_MATCHES = 1000
@@ -93,7 +74,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
     # ---------------------------------------------------------------- helpers
 
     async def _search_call(self, request: Message, context: Context, **renames: str) -> Any:
-        """SearchService.<Method> for a SearchService<Method>Request; its response."""
+        """SearchService.<Method> for a <Method>Request of the search package; its response."""
         return await self._flow.search_call(request, Deadline.of(context), **renames)
 
     async def _collection(
@@ -103,11 +84,13 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
 
     # ---------------------------------------------------------------- detection
 
-    @guarded(SCOPE_DETECT, audited=False)
+    @guarded
     async def DetectFaces(  # noqa: N802
         self, request: F.DetectFacesRequest, context: Context, audit: AuditDraft
     ) -> F.DetectFacesResponse:
-        max_faces = validation.count(request.max_faces, "max_faces", MAX_DETECT_FACES, 100)
+        max_faces = validation.count(
+            request.max_faces, "max_faces", limits.MAX_FACES_PER_IMAGE, limits.MAX_FACES_PER_IMAGE
+        )
         detected = await self._pipeline.detect(
             request.image,
             Deadline.of(context),
@@ -126,7 +109,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             min_face_size=found.min_face_size,
         )
 
-    @guarded(SCOPE_COMPARE, audited=True)
+    @guarded
     async def CompareFaces(  # noqa: N802
         self, request: F.CompareFacesRequest, context: Context, audit: AuditDraft
     ) -> F.CompareFacesResponse:
@@ -155,15 +138,15 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         matches: list[F.CompareFacesMatch] = []
         unmatched = [without_chip(f) for f in target.faces if f not in usable]
         for face, cosine in zip(usable, scores, strict=True):
-            similarity = decision.scale.similarity(float(cosine))
-            if similarity >= decision.applied:
-                rate, upper = decision.rates_at(float(cosine))
+            score = decision.scale.score(float(cosine))
+            if score.admitted(decision.applied):
+                rate, upper = decision.rates_at(score.cosine)
                 matches.append(
                     F.CompareFacesMatch(
                         face=without_chip(face),
-                        similarity=similarity,
-                        cosine_similarity=float(cosine),
-                        distance=math.sqrt(max(0.0, 2.0 - 2.0 * float(cosine))),
+                        similarity=score.similarity,
+                        cosine_similarity=score.cosine,
+                        distance=score.distance,
                         threshold_applied=decision.applied,
                         model_version=source.model_version,
                         false_match_rate=rate,
@@ -192,7 +175,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
 
     # ---------------------------------------------------------------- collections
 
-    @guarded(SCOPE_ADMIN, audited=True)
+    @guarded
     async def CreateCollection(  # noqa: N802
         self, request: F.CreateCollectionRequest, context: Context, audit: AuditDraft
     ) -> F.CreateCollectionResponse:
@@ -216,16 +199,14 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             )
             collection.min_match_threshold = given.min_match_threshold
             audit.threshold(common_pb2.MatchThreshold(collection_minimum=given.min_match_threshold))
-        response: S.SearchServiceCreateCollectionResponse = await self._search_call(
-            S.SearchServiceCreateCollectionRequest(
-                collection_id=request.collection_id, collection=collection
-            ),
+        response: S.CreateCollectionResponse = await self._search_call(
+            S.CreateCollectionRequest(collection_id=request.collection_id, collection=collection),
             context,
         )
         audit.model_version(model.version)
         return F.CreateCollectionResponse(collection=response.collection)
 
-    @guarded(SCOPE_READ, audited=False)
+    @guarded
     async def GetCollection(  # noqa: N802
         self, request: F.GetCollectionRequest, context: Context, audit: AuditDraft
     ) -> F.GetCollectionResponse:
@@ -233,21 +214,19 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             collection=await self._collection(request.name, context, "name")
         )
 
-    @guarded(SCOPE_READ, audited=False)
+    @guarded
     async def ListCollections(  # noqa: N802
         self, request: F.ListCollectionsRequest, context: Context, audit: AuditDraft
     ) -> F.ListCollectionsResponse:
-        response: S.SearchServiceListCollectionsResponse = await self._search_call(
-            S.SearchServiceListCollectionsRequest(
-                page_size=request.page_size, page_token=request.page_token
-            ),
+        response: S.ListCollectionsResponse = await self._search_call(
+            S.ListCollectionsRequest(page_size=request.page_size, page_token=request.page_token),
             context,
         )
         return F.ListCollectionsResponse(
             collections=response.collections, next_page_token=response.next_page_token
         )
 
-    @guarded(SCOPE_ADMIN, audited=True)
+    @guarded
     async def UpdateCollection(  # noqa: N802
         self, request: F.UpdateCollectionRequest, context: Context, audit: AuditDraft
     ) -> F.UpdateCollectionResponse:
@@ -266,23 +245,21 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
                 "collection.min_match_threshold",
             )
             audit.threshold(common_pb2.MatchThreshold(collection_minimum=given.min_match_threshold))
-        response: S.SearchServiceUpdateCollectionResponse = await self._search_call(
-            S.SearchServiceUpdateCollectionRequest(
-                collection=given, update_mask=request.update_mask
-            ),
+        response: S.UpdateCollectionResponse = await self._search_call(
+            S.UpdateCollectionRequest(collection=given, update_mask=request.update_mask),
             context,
         )
         audit.model_version(response.collection.model_version)
         audit.results([response.collection.name])
         return F.UpdateCollectionResponse(collection=response.collection)
 
-    @guarded(SCOPE_ADMIN, audited=True)
+    @guarded
     async def DeleteCollection(  # noqa: N802
         self, request: F.DeleteCollectionRequest, context: Context, audit: AuditDraft
     ) -> F.DeleteCollectionResponse:
         audit.collection(request.name)
-        response: S.SearchServiceDeleteCollectionResponse = await self._search_call(
-            S.SearchServiceDeleteCollectionRequest(name=request.name, force=request.force),
+        response: S.DeleteCollectionResponse = await self._search_call(
+            S.DeleteCollectionRequest(name=request.name, force=request.force),
             context,
         )
         audit.results((), count=int(response.deleted_face_count))
@@ -290,7 +267,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
 
     # ---------------------------------------------------------------- faces
 
-    @guarded(SCOPE_ENROL, audited=True)
+    @guarded
     async def IndexFaces(  # noqa: N802
         self, request: F.IndexFacesRequest, context: Context, audit: AuditDraft
     ) -> F.IndexFacesResponse:
@@ -298,9 +275,12 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         audit.images(request.image)
         collection_id = names.parse_collection(request.parent, "parent")
         subject_id = validation.optional_id(request.subject_id, names.SUBJECT_ID, "subject_id")
-        default_max = 1 if subject_id else MAX_INDEX_FACES
+        default_max = 1 if subject_id else limits.MAX_FACES_PER_IMAGE
         max_faces = validation.count(
-            request.max_faces, "max_faces", 1 if subject_id else MAX_INDEX_FACES, default_max
+            request.max_faces,
+            "max_faces",
+            1 if subject_id else limits.MAX_FACES_PER_IMAGE,
+            default_max,
         )
         validation.optional_id(
             request.external_image_id, names.EXTERNAL_IMAGE_ID, "external_image_id"
@@ -313,7 +293,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             subject = str(names.SubjectName(collection_id, subject_id))
             audit.target(subject)
             await self._search_call(
-                S.SearchServiceGetSubjectRequest(name=subject),
+                S.GetSubjectRequest(name=subject),
                 context,
                 name="subject_id",
             )
@@ -357,8 +337,8 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             )
         stored: list[resources_pb2.Face] = []
         if faces:
-            response: S.SearchServiceBatchUpsertFacesResponse = await self._search_call(
-                S.SearchServiceBatchUpsertFacesRequest(parent=request.parent, faces=faces),
+            response: S.BatchUpsertFacesResponse = await self._search_call(
+                S.BatchUpsertFacesRequest(parent=request.parent, faces=faces),
                 context,
             )
             stored = list(response.faces)
@@ -380,22 +360,22 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             min_face_size=detected.response.min_face_size,
         )
 
-    @guarded(SCOPE_READ, audited=False)
+    @guarded
     async def GetFace(  # noqa: N802
         self, request: F.GetFaceRequest, context: Context, audit: AuditDraft
     ) -> F.GetFaceResponse:
-        response: S.SearchServiceGetFaceResponse = await self._search_call(
-            S.SearchServiceGetFaceRequest(name=request.name, view=S.FACE_VIEW_BASIC),
+        response: S.GetFaceResponse = await self._search_call(
+            S.GetFaceRequest(name=request.name, view=S.FACE_VIEW_BASIC),
             context,
         )
         return F.GetFaceResponse(face=response.face)
 
-    @guarded(SCOPE_READ, audited=False)
+    @guarded
     async def ListFaces(  # noqa: N802
         self, request: F.ListFacesRequest, context: Context, audit: AuditDraft
     ) -> F.ListFacesResponse:
-        response: S.SearchServiceListFacesResponse = await self._search_call(
-            S.SearchServiceListFacesRequest(
+        response: S.ListFacesResponse = await self._search_call(
+            S.ListFacesRequest(
                 parent=request.parent,
                 page_size=request.page_size,
                 page_token=request.page_token,
@@ -406,13 +386,13 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         )
         return F.ListFacesResponse(faces=response.faces, next_page_token=response.next_page_token)
 
-    @guarded(SCOPE_DELETE, audited=True)
+    @guarded
     async def BatchDeleteFaces(  # noqa: N802
         self, request: F.BatchDeleteFacesRequest, context: Context, audit: AuditDraft
     ) -> F.BatchDeleteFacesResponse:
         audit.collection(request.parent)
-        response: S.SearchServiceBatchDeleteFacesResponse = await self._search_call(
-            S.SearchServiceBatchDeleteFacesRequest(
+        response: S.BatchDeleteFacesResponse = await self._search_call(
+            S.BatchDeleteFacesRequest(
                 parent=request.parent, names=request.names, allow_missing=request.allow_missing
             ),
             context,
@@ -422,7 +402,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
 
     # ---------------------------------------------------------------- search
 
-    @guarded(SCOPE_SEARCH, audited=True)
+    @guarded
     async def SearchFaces(  # noqa: N802
         self, request: F.SearchFacesRequest, context: Context, audit: AuditDraft
     ) -> F.SearchFacesResponse:
@@ -439,7 +419,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         parent = names.collection_name(face_name.collection)
         found, collection = await asyncio.gather(
             self._search_call(
-                S.SearchServiceGetFaceRequest(name=request.face, view=S.FACE_VIEW_FULL),
+                S.GetFaceRequest(name=request.face, view=S.FACE_VIEW_FULL),
                 context,
                 name="face",
             ),
@@ -478,7 +458,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             [m.false_match_rate for m in matches],
         )
 
-    @guarded(SCOPE_SEARCH, audited=True)
+    @guarded
     async def SearchFacesByImage(  # noqa: N802
         self, request: F.SearchFacesByImageRequest, context: Context, audit: AuditDraft
     ) -> F.SearchFacesByImageResponse:
@@ -514,36 +494,36 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
 
     # ---------------------------------------------------------------- subjects
 
-    @guarded(SCOPE_ENROL, audited=True)
+    @guarded
     async def CreateSubject(  # noqa: N802
         self, request: F.CreateSubjectRequest, context: Context, audit: AuditDraft
     ) -> F.CreateSubjectResponse:
         audit.collection(request.parent)
         audit.target(f"{request.parent}/subjects/{request.subject_id}")
         validation.metadata(request.subject.metadata, "subject.metadata")
-        response: S.SearchServiceCreateSubjectResponse = await self._search_call(
-            S.SearchServiceCreateSubjectRequest(
+        response: S.CreateSubjectResponse = await self._search_call(
+            S.CreateSubjectRequest(
                 parent=request.parent, subject_id=request.subject_id, subject=request.subject
             ),
             context,
         )
         return F.CreateSubjectResponse(subject=response.subject)
 
-    @guarded(SCOPE_READ, audited=False)
+    @guarded
     async def GetSubject(  # noqa: N802
         self, request: F.GetSubjectRequest, context: Context, audit: AuditDraft
     ) -> F.GetSubjectResponse:
-        response: S.SearchServiceGetSubjectResponse = await self._search_call(
-            S.SearchServiceGetSubjectRequest(name=request.name), context
+        response: S.GetSubjectResponse = await self._search_call(
+            S.GetSubjectRequest(name=request.name), context
         )
         return F.GetSubjectResponse(subject=response.subject)
 
-    @guarded(SCOPE_READ, audited=False)
+    @guarded
     async def ListSubjects(  # noqa: N802
         self, request: F.ListSubjectsRequest, context: Context, audit: AuditDraft
     ) -> F.ListSubjectsResponse:
-        response: S.SearchServiceListSubjectsResponse = await self._search_call(
-            S.SearchServiceListSubjectsRequest(
+        response: S.ListSubjectsResponse = await self._search_call(
+            S.ListSubjectsRequest(
                 parent=request.parent, page_size=request.page_size, page_token=request.page_token
             ),
             context,
@@ -552,28 +532,28 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             subjects=response.subjects, next_page_token=response.next_page_token
         )
 
-    @guarded(SCOPE_DELETE, audited=True)
+    @guarded
     async def DeleteSubject(  # noqa: N802
         self, request: F.DeleteSubjectRequest, context: Context, audit: AuditDraft
     ) -> F.DeleteSubjectResponse:
         audit.target(request.name)
         subject = names.parse_subject(request.name)
         audit.collection(names.collection_name(subject.collection))
-        response: S.SearchServiceDeleteSubjectResponse = await self._search_call(
-            S.SearchServiceDeleteSubjectRequest(name=request.name, force=request.force),
+        response: S.DeleteSubjectResponse = await self._search_call(
+            S.DeleteSubjectRequest(name=request.name, force=request.force),
             context,
         )
         audit.results((), count=int(response.deleted_face_count))
         return F.DeleteSubjectResponse(deleted_face_count=response.deleted_face_count)
 
-    @guarded(SCOPE_ENROL, audited=True)
+    @guarded
     async def AssociateFaces(  # noqa: N802
         self, request: F.AssociateFacesRequest, context: Context, audit: AuditDraft
     ) -> F.AssociateFacesResponse:
         subject = await self._change_subject("AssociateFaces", request, context, audit)
         return F.AssociateFacesResponse(subject=subject)
 
-    @guarded(SCOPE_ENROL, audited=True)
+    @guarded
     async def DisassociateFaces(  # noqa: N802
         self, request: F.DisassociateFacesRequest, context: Context, audit: AuditDraft
     ) -> F.DisassociateFacesResponse:
@@ -590,7 +570,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         audit.target(request.subject)
         subject = names.parse_subject(request.subject, "subject")
         audit.collection(names.collection_name(subject.collection))
-        search_request = getattr(S, f"SearchService{method}Request")(
+        search_request = getattr(S, f"{method}Request")(
             subject=request.subject, faces=request.faces
         )
         response = await self._search_call(search_request, context)
@@ -598,7 +578,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         changed: resources_pb2.Subject = response.subject
         return changed
 
-    @guarded(SCOPE_SEARCH, audited=True)
+    @guarded
     async def SearchSubjectsByImage(  # noqa: N802
         self, request: F.SearchSubjectsByImageRequest, context: Context, audit: AuditDraft
     ) -> F.SearchSubjectsByImageResponse:
@@ -630,7 +610,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         subjects = await asyncio.gather(
             *(
                 self._search_call(
-                    S.SearchServiceGetSubjectRequest(
+                    S.GetSubjectRequest(
                         name=str(names.SubjectName(collection_id, m.face.subject_id))
                     ),
                     context,
@@ -666,7 +646,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
 
     # ---------------------------------------------------------------- audit
 
-    @guarded(SCOPE_AUDIT, audited=True)
+    @guarded
     async def GetAuditRecord(  # noqa: N802
         self, request: F.GetAuditRecordRequest, context: Context, audit: AuditDraft
     ) -> F.GetAuditRecordResponse:
@@ -679,7 +659,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             raise not_found("facegrid.v1.AuditRecord", request.name)
         return F.GetAuditRecordResponse(audit_record=record)
 
-    @guarded(SCOPE_AUDIT, audited=True)
+    @guarded
     async def ListAuditRecords(  # noqa: N802
         self, request: F.ListAuditRecordsRequest, context: Context, audit: AuditDraft
     ) -> F.ListAuditRecordsResponse:
@@ -694,7 +674,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         audit.results((), count=len(page.records))
         return F.ListAuditRecordsResponse(audit_records=page.records, next_page_token=token)
 
-    @guarded(SCOPE_AUDIT, audited=True)
+    @guarded
     async def GetAuditCheckpoint(  # noqa: N802
         self, request: F.GetAuditCheckpointRequest, context: Context, audit: AuditDraft
     ) -> F.GetAuditCheckpointResponse:
@@ -728,40 +708,32 @@ def _derived_id(request_uuid: uuid.UUID | None, parent: str, digest: str, part: 
     return str(uuid.uuid5(_FACE_ID_NAMESPACE, f"{request_uuid}/{parent}/{digest}/{part}"))
 
 
+def build_server(
+    settings: Settings, servicer: FaceServicer, port: int | None = None
+) -> FacegridServer:
+    """The gateway service's gRPC server around a servicer built with its dependencies (in
+    the event loop it will run in); on ``gateway.port`` unless ``port`` is given."""
+    registration = ServiceRegistration.of(
+        face_service_pb2,
+        "FaceService",
+        face_service_pb2_grpc.add_FaceServiceServicer_to_server,
+        servicer,
+    )
+    return FacegridServer.for_service("gateway", registration, settings, port)
+
+
 async def serve(settings: Settings) -> None:
     gateway = settings.gateway
     callers = Authenticator.configured(gateway.credentials_file, settings.oidc)
     callers.reload_on_sighup()
     ThresholdPolicy(gateway)  # refuses a misconfigured policy before serving
     audit_log = open_audit_log(gateway)
-    downstream = Downstream(
-        detection_address=gateway.detection_address,
-        embedding_address=gateway.embedding_address,
-        search_address=gateway.search_address,
-        timeout_s=gateway.downstream_timeout_s,
-        max_message_bytes=settings.server.max_message_bytes,
-        tls_settings=settings.tls,
-        channel_options=keepalive_ping_options(settings.server),
-    )
+    downstream = Downstream.configured(gateway, settings)
     pipeline = FacePipeline(downstream, QualityPolicy(gateway))
     quotas = Quotas(gateway.quotas, open_quota_store(gateway) if gateway.quotas else None)
     gatekeeper = Gatekeeper(callers, audit_log, "facegrid.v1.FaceService", quotas)
     servicer = FaceServicer(settings, gatekeeper, downstream, pipeline)
-    server = FacegridServer(
-        "gateway",
-        [
-            ServiceRegistration.of(
-                face_service_pb2,
-                "FaceService",
-                face_service_pb2_grpc.add_FaceServiceServicer_to_server,
-                servicer,
-            )
-        ],
-        settings.server,
-        gateway.port,
-        gateway.max_concurrent_rpcs,
-        settings.tls,
-    )
+    server = build_server(settings, servicer)
 
     expiry = RetentionSchedule(
         FACE_RETENTION_TASK,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from facegrid.identification.deadline import Deadline
 from facegrid.identification.downstream import Downstream
+from facegrid.internal.v1 import search_pb2
 from facegrid.retention import EXPIRE_FACES, Removal, timestamp
-from facegrid.v1 import common_pb2, resources_pb2, search_pb2
+from facegrid.v1 import common_pb2, resources_pb2
 
 S = search_pb2
 TASK = "face-retention"
@@ -32,9 +33,9 @@ class FaceExpiry:
                 continue
             retention = collection.face_retention
             cutoff = now - (retention.seconds + retention.nanos / 1e9)
-            purged: S.SearchServicePurgeFacesResponse = await self._downstream.call(
+            purged: S.PurgeFacesResponse = await self._downstream.call(
                 self._downstream.search.PurgeFaces,
-                S.SearchServicePurgeFacesRequest(
+                S.PurgeFacesRequest(
                     parent=collection.name,
                     filter=resources_pb2.FaceFilter(
                         create_time_range=common_pb2.TimeRange(end_time=timestamp(cutoff))
@@ -51,9 +52,9 @@ class FaceExpiry:
         collections: list[resources_pb2.Collection] = []
         token = ""
         while True:
-            page: S.SearchServiceListCollectionsResponse = await self._downstream.call(
+            page: S.ListCollectionsResponse = await self._downstream.call(
                 self._downstream.search.ListCollections,
-                S.SearchServiceListCollectionsRequest(page_size=_PAGE, page_token=token),
+                S.ListCollectionsRequest(page_size=_PAGE, page_token=token),
                 Deadline.after(self._timeout_s),
                 "search",
             )

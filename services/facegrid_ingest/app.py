@@ -20,7 +20,6 @@ import nats
 from facegrid import paging, tls, validation
 from facegrid.accountability import AuditDraft, Gatekeeper, guarded
 from facegrid.audit_log import open_audit_log
-from facegrid.auth import SCOPE_INGEST_ADMIN, SCOPE_INGEST_PUSH, SCOPE_INGEST_WATCH
 from facegrid.authenticator import Authenticator
 from facegrid.config import Settings
 from facegrid.errors import (
@@ -45,7 +44,6 @@ from facegrid.retention import EXPIRE_MATCH_EVENTS, Removal, RetentionSchedule
 from facegrid.server import (
     FacegridServer,
     ServiceRegistration,
-    keepalive_ping_options,
     run_until_stopped,
 )
 from facegrid.v1 import ingest_pb2, ingest_pb2_grpc
@@ -154,7 +152,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
 
     # ---------------------------------------------------------------- processors
 
-    @guarded(SCOPE_INGEST_ADMIN, audited=True)
+    @guarded
     async def CreateStreamProcessor(  # noqa: N802
         self, request: I.CreateStreamProcessorRequest, context: Context, audit: AuditDraft
     ) -> I.CreateStreamProcessorResponse:
@@ -190,14 +188,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
             raise already_exists(RESOURCE, name)
         return I.CreateStreamProcessorResponse(stream_processor=await self._view(stored))
 
-    @guarded(SCOPE_INGEST_ADMIN, audited=False)
+    @guarded
     async def GetStreamProcessor(  # noqa: N802
         self, request: I.GetStreamProcessorRequest, context: Context, audit: AuditDraft
     ) -> I.GetStreamProcessorResponse:
         stored = await self._stored(request.name)
         return I.GetStreamProcessorResponse(stream_processor=await self._view(stored))
 
-    @guarded(SCOPE_INGEST_ADMIN, audited=False)
+    @guarded
     async def ListStreamProcessors(  # noqa: N802
         self, request: I.ListStreamProcessorsRequest, context: Context, audit: AuditDraft
     ) -> I.ListStreamProcessorsResponse:
@@ -213,7 +211,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
             stream_processors=[await self._view(p) for p in page], next_page_token=token
         )
 
-    @guarded(SCOPE_INGEST_ADMIN, audited=True)
+    @guarded
     async def UpdateStreamProcessor(  # noqa: N802
         self, request: I.UpdateStreamProcessorRequest, context: Context, audit: AuditDraft
     ) -> I.UpdateStreamProcessorResponse:
@@ -282,7 +280,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
                 setattr(merged, path, getattr(given, path))
         return merged
 
-    @guarded(SCOPE_INGEST_ADMIN, audited=True)
+    @guarded
     async def DeleteStreamProcessor(  # noqa: N802
         self, request: I.DeleteStreamProcessorRequest, context: Context, audit: AuditDraft
     ) -> I.DeleteStreamProcessorResponse:
@@ -298,7 +296,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         audit.results((), count=purged)
         return I.DeleteStreamProcessorResponse()
 
-    @guarded(SCOPE_INGEST_ADMIN, audited=True)
+    @guarded
     async def StartStreamProcessor(  # noqa: N802
         self, request: I.StartStreamProcessorRequest, context: Context, audit: AuditDraft
     ) -> I.StartStreamProcessorResponse:
@@ -306,7 +304,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
             stream_processor=await self._set_running(request.name, True, audit)
         )
 
-    @guarded(SCOPE_INGEST_ADMIN, audited=True)
+    @guarded
     async def StopStreamProcessor(  # noqa: N802
         self, request: I.StopStreamProcessorRequest, context: Context, audit: AuditDraft
     ) -> I.StopStreamProcessorResponse:
@@ -343,7 +341,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
     async def PushFrames(  # noqa: N802
         self, request_iterator: AsyncIterator[I.PushFramesRequest], context: Context
     ) -> I.PushFramesResponse:
-        audit = await self.gatekeeper.admit("PushFrames", SCOPE_INGEST_PUSH, context)
+        audit = await self.gatekeeper.admit("PushFrames", context)
         counts = I.PushFramesResponse()
         try:
             response = await self._push(request_iterator, context, audit, counts)
@@ -481,7 +479,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
     async def StreamMatchEvents(  # noqa: N802
         self, request: I.StreamMatchEventsRequest, context: Context
     ) -> AsyncIterator[I.StreamMatchEventsResponse]:
-        audit = await self.gatekeeper.admit("StreamMatchEvents", SCOPE_INGEST_WATCH, context)
+        audit = await self.gatekeeper.admit("StreamMatchEvents", context)
         try:
             processor_id = self._event_filter(request.stream_processor, "stream_processor")
             audit.target(request.stream_processor)
@@ -556,7 +554,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
             return Start.since(validation.timestamp(request.start_time, "start_time"))
         raise invalid_argument("start_position", f"unknown start position {position}")
 
-    @guarded(SCOPE_INGEST_WATCH, audited=True)
+    @guarded
     async def GetMatchEvent(  # noqa: N802
         self, request: I.GetMatchEventRequest, context: Context, audit: AuditDraft
     ) -> I.GetMatchEventResponse:
@@ -575,7 +573,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         audit.results([event.name])
         return I.GetMatchEventResponse(match_event=event)
 
-    @guarded(SCOPE_INGEST_WATCH, audited=True)
+    @guarded
     async def ListMatchEvents(  # noqa: N802
         self, request: I.ListMatchEventsRequest, context: Context, audit: AuditDraft
     ) -> I.ListMatchEventsResponse:
@@ -664,6 +662,17 @@ class EventExpiry:
         ]
 
 
+def build_server(
+    settings: Settings, servicer: IngestServicer, port: int | None = None
+) -> FacegridServer:
+    """The ingest service's gRPC server around a servicer built with its dependencies (in
+    the event loop it will run in); on ``ingest.port`` unless ``port`` is given."""
+    registration = ServiceRegistration.of(
+        ingest_pb2, "IngestService", ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer
+    )
+    return FacegridServer.for_service("ingest", registration, settings, port)
+
+
 async def serve(settings: Settings) -> None:
     ingest = settings.ingest
     gateway = settings.gateway
@@ -671,15 +680,7 @@ async def serve(settings: Settings) -> None:
     callers.reload_on_sighup()
     ThresholdPolicy(gateway)  # refuses a misconfigured policy before serving
     audit_log = open_audit_log(gateway)
-    downstream = Downstream(
-        detection_address=ingest.detection_address,
-        embedding_address=ingest.embedding_address,
-        search_address=ingest.search_address,
-        timeout_s=ingest.downstream_timeout_s,
-        max_message_bytes=settings.server.max_message_bytes,
-        tls_settings=settings.tls,
-        channel_options=keepalive_ping_options(settings.server),
-    )
+    downstream = Downstream.configured(ingest, settings)
     identifier = Identifier(
         downstream, FacePipeline(downstream, QualityPolicy(gateway)), ThresholdPolicy(gateway)
     )
@@ -720,21 +721,7 @@ async def serve(settings: Settings) -> None:
     replica = Replica(ingest, store, leases, push_leases, events, audit_log, pipeline)
     gatekeeper = Gatekeeper(callers, audit_log, SERVICE_NAME)
     servicer = IngestServicer(settings, gatekeeper, identifier, store, events, replica)
-    server = FacegridServer(
-        "ingest",
-        [
-            ServiceRegistration.of(
-                ingest_pb2,
-                "IngestService",
-                ingest_pb2_grpc.add_IngestServiceServicer_to_server,
-                servicer,
-            )
-        ],
-        settings.server,
-        ingest.port,
-        ingest.max_concurrent_rpcs,
-        settings.tls,
-    )
+    server = build_server(settings, servicer)
     expiry = RetentionSchedule(
         EVENT_RETENTION_TASK,
         audit_log,

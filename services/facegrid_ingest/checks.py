@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from facegrid import validation
+from facegrid import limits, names, validation
 from facegrid.errors import ServiceError, invalid_argument, invalid_arguments, permission_denied
 from facegrid.v1 import common_pb2, ingest_pb2
 from google.protobuf import duration_pb2
@@ -17,12 +16,11 @@ from facegrid_ingest import urls
 
 SP = ingest_pb2.StreamProcessor
 
-PROCESSOR_ID = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
-SOURCE_ID = re.compile(r"^[a-zA-Z0-9_.\-:]{1,128}$")
+PROCESSOR_ID = names.STREAM_PROCESSOR_ID
+SOURCE_ID = names.SOURCE_ID
 MAX_SOURCES = 256
-MAX_DISPLAY_NAME = 256
 MAX_MATCHES = 100
-MIN_FACE_SIZE, MAX_FACE_SIZE = 20, 1000
+MAX_FACE_SIZE = 1000
 MIN_FPS, MAX_FPS = 0.1, 30.0
 MAX_SUPPRESSION_S = 24 * 3600.0
 # Fields UpdateStreamProcessor may change; `sources` and `collection` only when stopped.
@@ -78,8 +76,8 @@ def check_processor(
     def bad(field: str, text: str) -> None:
         violations.append((f"{prefix}.{field}", text))
 
-    if len(processor.display_name) > MAX_DISPLAY_NAME:
-        bad("display_name", f"at most {MAX_DISPLAY_NAME} characters")
+    if len(processor.display_name) > limits.MAX_DISPLAY_NAME:
+        bad("display_name", f"at most {limits.MAX_DISPLAY_NAME} characters")
     if not processor.collection.startswith("collections/") or processor.collection == (
         "collections/"
     ):
@@ -97,8 +95,11 @@ def check_processor(
         0.1 <= _seconds(processor.max_event_delay) <= 60
     ):
         bad("max_event_delay", "must be 0.1 s to 60 s")
-    if processor.min_face_size and not MIN_FACE_SIZE <= processor.min_face_size <= MAX_FACE_SIZE:
-        bad("min_face_size", f"must be {MIN_FACE_SIZE} to {MAX_FACE_SIZE}, or 0")
+    if (
+        processor.min_face_size
+        and not limits.MIN_FACE_SIZE <= processor.min_face_size <= MAX_FACE_SIZE
+    ):
+        bad("min_face_size", f"must be {limits.MIN_FACE_SIZE} to {MAX_FACE_SIZE}, or 0")
     if processor.HasField("suppression_window") and not (
         0 <= _seconds(processor.suppression_window) <= MAX_SUPPRESSION_S
     ):
@@ -120,8 +121,13 @@ def check_processor(
             bad(f"{field}.match_threshold", "must be 0 to 100")
         if source.frames_per_second and not MIN_FPS <= source.frames_per_second <= MAX_FPS:
             bad(f"{field}.frames_per_second", f"must be {MIN_FPS} to {MAX_FPS}, or 0")
-        if source.min_face_size and not MIN_FACE_SIZE <= source.min_face_size <= MAX_FACE_SIZE:
-            bad(f"{field}.min_face_size", f"must be {MIN_FACE_SIZE} to {MAX_FACE_SIZE}, or 0")
+        if (
+            source.min_face_size
+            and not limits.MIN_FACE_SIZE <= source.min_face_size <= MAX_FACE_SIZE
+        ):
+            bad(
+                f"{field}.min_face_size", f"must be {limits.MIN_FACE_SIZE} to {MAX_FACE_SIZE}, or 0"
+            )
         kind = source.WhichOneof("input")
         if kind is None:
             bad(field, "a source is either pull (with a url) or push")

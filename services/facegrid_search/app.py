@@ -9,9 +9,10 @@ import grpc
 from facegrid import field_masks, names, paging, telemetry
 from facegrid.config import Settings
 from facegrid.errors import failed_precondition, invalid_argument, invalid_arguments, not_found
+from facegrid.internal.v1 import search_pb2, search_pb2_grpc
 from facegrid.server import FacegridServer, ServiceRegistration, run_until_stopped
 from facegrid.similarity import Calibration
-from facegrid.v1 import resources_pb2, search_pb2, search_pb2_grpc
+from facegrid.v1 import resources_pb2
 
 from facegrid_search import convert
 from facegrid_search.core import Collection, SearchCore
@@ -23,11 +24,9 @@ MAX_ASSOCIATE_FACES = 100
 MAX_QUERIES = 64
 DEFAULT_TOP_K = 10
 MAX_TOP_K = 4096
-SUPPORTED_METRICS = (
-    resources_pb2.METRIC_COSINE,
-    resources_pb2.METRIC_INNER_PRODUCT,
-    resources_pb2.METRIC_EUCLIDEAN,
-)
+# Every index compares unit vectors by inner product, which ranks as cosine does; the
+# other metrics of the contract are not implemented.
+NOT_IMPLEMENTED_METRICS = (resources_pb2.METRIC_INNER_PRODUCT, resources_pb2.METRIC_EUCLIDEAN)
 
 S = search_pb2
 Context: TypeAlias = grpc.aio.ServicerContext
@@ -41,8 +40,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
     # ---------------------------------------------------------------- collections
 
     async def CreateCollection(  # noqa: N802
-        self, request: S.SearchServiceCreateCollectionRequest, context: Context
-    ) -> S.SearchServiceCreateCollectionResponse:
+        self, request: S.CreateCollectionRequest, context: Context
+    ) -> S.CreateCollectionResponse:
         collection_id = names.check_id(
             request.collection_id, names.COLLECTION_ID, "collection_id", "collection id"
         )
@@ -52,19 +51,34 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
             violations.append(("collection.dimension", f"must be 1 to {MAX_DIMENSION}"))
         if not given.model_version:
             violations.append(("collection.model_version", "is required"))
-        if (
-            given.metric != resources_pb2.METRIC_UNSPECIFIED
-            and given.metric not in SUPPORTED_METRICS
-        ):
+        if given.metric in NOT_IMPLEMENTED_METRICS:
+            violations.append(
+                ("collection.metric", "not implemented: METRIC_COSINE (or unset) only")
+            )
+        elif given.metric not in (resources_pb2.METRIC_UNSPECIFIED, resources_pb2.METRIC_COSINE):
             violations.append(("collection.metric", "unknown metric"))
+        if given.HasField("index_config"):
+            violations.append(
+                (
+                    "collection.index_config",
+                    "output only: the search service's store.index_type and store.hnsw_*"
+                    " choose the index",
+                )
+            )
         if violations:
             raise invalid_arguments(violations)
         convert.check_collection_fields(given, field_masks.COLLECTION_UPDATABLE)
         Calibration.from_proto(given.similarity_calibration, "collection.similarity_calibration")
         stored = resources_pb2.Collection()
         stored.CopyFrom(given)
-        if stored.metric == resources_pb2.METRIC_UNSPECIFIED:
-            stored.metric = resources_pb2.METRIC_COSINE
+        stored.metric = resources_pb2.METRIC_COSINE
+        stored.index_config.CopyFrom(
+            convert.index_config(
+                self._core.index_type,
+                self._settings.store.hnsw_m,
+                self._settings.store.hnsw_ef_construction,
+            )
+        )
         spec = CollectionSpec(
             collection_id=collection_id,
             dimension=given.dimension,
@@ -73,23 +87,30 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
             definition=convert.collection_definition(stored),
         )
         await self._core.create_collection(spec)
-        return S.SearchServiceCreateCollectionResponse(
-            collection=convert.collection_message(spec, 0, 0)
-        )
+        return S.CreateCollectionResponse(collection=self._message(spec, 0, 0))
 
     async def GetCollection(  # noqa: N802
-        self, request: S.SearchServiceGetCollectionRequest, context: Context
-    ) -> S.SearchServiceGetCollectionResponse:
+        self, request: S.GetCollectionRequest, context: Context
+    ) -> S.GetCollectionResponse:
         collection = await self._core.collection(names.parse_collection(request.name))
-        return S.SearchServiceGetCollectionResponse(collection=await self._describe(collection))
+        return S.GetCollectionResponse(collection=await self._describe(collection))
 
     async def _describe(self, collection: Collection) -> resources_pb2.Collection:
         faces, subjects = await self._core.counts(collection)
-        return convert.collection_message(collection.spec, faces, subjects)
+        return self._message(collection.spec, faces, subjects)
+
+    def _message(
+        self, spec: CollectionSpec, face_count: int, subject_count: int
+    ) -> resources_pb2.Collection:
+        """A collection as callers see it: its HNSW index searched as wide as configured now."""
+        message = convert.collection_message(spec, face_count, subject_count)
+        if message.index_config.type == resources_pb2.IndexConfig.TYPE_HNSW:
+            message.index_config.hnsw_ef_search = self._settings.store.hnsw_ef_search
+        return message
 
     async def ListCollections(  # noqa: N802
-        self, request: S.SearchServiceListCollectionsRequest, context: Context
-    ) -> S.SearchServiceListCollectionsResponse:
+        self, request: S.ListCollectionsRequest, context: Context
+    ) -> S.ListCollectionsResponse:
         size = paging.page_size(request.page_size)
         fingerprint = paging.request_fingerprint("collections")
         after = paging.decode_page_token(request.page_token, fingerprint)
@@ -103,13 +124,11 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
         token = ""
         if len(specs) > size:
             token = paging.encode_page_token(page[-1].collection_id, fingerprint)
-        return S.SearchServiceListCollectionsResponse(
-            collections=collections, next_page_token=token
-        )
+        return S.ListCollectionsResponse(collections=collections, next_page_token=token)
 
     async def UpdateCollection(  # noqa: N802
-        self, request: S.SearchServiceUpdateCollectionRequest, context: Context
-    ) -> S.SearchServiceUpdateCollectionResponse:
+        self, request: S.UpdateCollectionRequest, context: Context
+    ) -> S.UpdateCollectionResponse:
         collection_id = names.parse_collection(request.collection.name, "collection.name")
         paths = field_masks.update_paths(request.update_mask, field_masks.COLLECTION_UPDATABLE)
         convert.check_collection_fields(request.collection, paths)
@@ -127,21 +146,21 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
         collection = await self._core.update_collection(
             collection_id, convert.collection_definition(updated)
         )
-        return S.SearchServiceUpdateCollectionResponse(collection=await self._describe(collection))
+        return S.UpdateCollectionResponse(collection=await self._describe(collection))
 
     async def DeleteCollection(  # noqa: N802
-        self, request: S.SearchServiceDeleteCollectionRequest, context: Context
-    ) -> S.SearchServiceDeleteCollectionResponse:
+        self, request: S.DeleteCollectionRequest, context: Context
+    ) -> S.DeleteCollectionResponse:
         deleted = await self._core.delete_collection(
             names.parse_collection(request.name), request.force
         )
-        return S.SearchServiceDeleteCollectionResponse(deleted_face_count=deleted)
+        return S.DeleteCollectionResponse(deleted_face_count=deleted)
 
     # ---------------------------------------------------------------- faces
 
     async def BatchUpsertFaces(  # noqa: N802
-        self, request: S.SearchServiceBatchUpsertFacesRequest, context: Context
-    ) -> S.SearchServiceBatchUpsertFacesResponse:
+        self, request: S.BatchUpsertFacesRequest, context: Context
+    ) -> S.BatchUpsertFacesResponse:
         collection_id = names.parse_collection(request.parent, "parent")
         count = len(request.faces)
         if not 1 <= count <= MAX_BATCH_FACES:
@@ -168,13 +187,13 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
             [face.embedding for face in request.faces], spec.dimension, "faces"
         )
         await self._core.upsert_faces(collection, rows, vectors)
-        return S.SearchServiceBatchUpsertFacesResponse(
+        return S.BatchUpsertFacesResponse(
             faces=[convert.face_message(collection_id, row) for row in rows]
         )
 
     async def GetFace(  # noqa: N802
-        self, request: S.SearchServiceGetFaceRequest, context: Context
-    ) -> S.SearchServiceGetFaceResponse:
+        self, request: S.GetFaceRequest, context: Context
+    ) -> S.GetFaceResponse:
         name = names.parse_face(request.name)
         collection = await self._core.collection(name.collection)
         full = request.view == S.FACE_VIEW_FULL
@@ -182,13 +201,11 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
         if name.face_id not in found:
             raise not_found("facegrid.v1.Face", str(name))
         row, vector = found[name.face_id]
-        return S.SearchServiceGetFaceResponse(
-            face=convert.face_message(name.collection, row, vector)
-        )
+        return S.GetFaceResponse(face=convert.face_message(name.collection, row, vector))
 
     async def ListFaces(  # noqa: N802
-        self, request: S.SearchServiceListFacesRequest, context: Context
-    ) -> S.SearchServiceListFacesResponse:
+        self, request: S.ListFacesRequest, context: Context
+    ) -> S.ListFacesResponse:
         collection_id = names.parse_collection(request.parent, "parent")
         size = paging.page_size(request.page_size)
         face_filter = convert.face_filter(request.filter)
@@ -204,7 +221,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
             found = await self._core.face_rows(collection, [r.face_id for r in rows], True)
             vectors = {face_id: vector for face_id, (_, vector) in found.items()}
         token = paging.encode_page_token(rows[-1].face_id, fingerprint) if more else ""
-        return S.SearchServiceListFacesResponse(
+        return S.ListFacesResponse(
             faces=[
                 convert.face_message(collection_id, row, vectors.get(row.face_id)) for row in rows
             ],
@@ -212,8 +229,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
         )
 
     async def BatchDeleteFaces(  # noqa: N802
-        self, request: S.SearchServiceBatchDeleteFacesRequest, context: Context
-    ) -> S.SearchServiceBatchDeleteFacesResponse:
+        self, request: S.BatchDeleteFacesRequest, context: Context
+    ) -> S.BatchDeleteFacesResponse:
         collection_id = names.parse_collection(request.parent, "parent")
         count = len(request.names)
         if not 1 <= count <= MAX_BATCH_FACES:
@@ -229,13 +246,13 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
             raise not_found("facegrid.v1.Face", str(names.FaceName(collection_id, missing[0])))
         present = [i for i in ids if i in existing]
         await self._core.delete_faces(collection, present)
-        return S.SearchServiceBatchDeleteFacesResponse(
+        return S.BatchDeleteFacesResponse(
             deleted_faces=[str(names.FaceName(collection_id, i)) for i in present]
         )
 
     async def PurgeFaces(  # noqa: N802
-        self, request: S.SearchServicePurgeFacesRequest, context: Context
-    ) -> S.SearchServicePurgeFacesResponse:
+        self, request: S.PurgeFacesRequest, context: Context
+    ) -> S.PurgeFacesResponse:
         collection_id = names.parse_collection(request.parent, "parent")
         face_filter = convert.face_filter(request.filter)
         if face_filter.is_empty():
@@ -246,7 +263,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
         ids = await self._core.matching_ids(collection, face_filter)
         if request.force:
             await self._core.delete_faces(collection, ids)
-        return S.SearchServicePurgeFacesResponse(
+        return S.PurgeFacesResponse(
             purge_count=len(ids),
             purge_sample=[str(names.FaceName(collection_id, i)) for i in ids[:100]],
         )
@@ -254,8 +271,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
     # ---------------------------------------------------------------- subjects
 
     async def CreateSubject(  # noqa: N802
-        self, request: S.SearchServiceCreateSubjectRequest, context: Context
-    ) -> S.SearchServiceCreateSubjectResponse:
+        self, request: S.CreateSubjectRequest, context: Context
+    ) -> S.CreateSubjectResponse:
         collection_id = names.parse_collection(request.parent, "parent")
         subject_id = names.check_id(
             request.subject_id, names.SUBJECT_ID, "subject_id", "subject id"
@@ -270,16 +287,14 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
             create_time_us=convert.now_us(),
         )
         await self._core.create_subject(collection, row)
-        return S.SearchServiceCreateSubjectResponse(
-            subject=convert.subject_message(collection_id, row, 0)
-        )
+        return S.CreateSubjectResponse(subject=convert.subject_message(collection_id, row, 0))
 
     async def GetSubject(  # noqa: N802
-        self, request: S.SearchServiceGetSubjectRequest, context: Context
-    ) -> S.SearchServiceGetSubjectResponse:
+        self, request: S.GetSubjectRequest, context: Context
+    ) -> S.GetSubjectResponse:
         name = names.parse_subject(request.name)
         collection = await self._core.collection(name.collection)
-        return S.SearchServiceGetSubjectResponse(
+        return S.GetSubjectResponse(
             subject=await self._subject_message(collection, name.subject_id)
         )
 
@@ -291,8 +306,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
         return convert.subject_message(collection.spec.collection_id, row, count)
 
     async def ListSubjects(  # noqa: N802
-        self, request: S.SearchServiceListSubjectsRequest, context: Context
-    ) -> S.SearchServiceListSubjectsResponse:
+        self, request: S.ListSubjectsRequest, context: Context
+    ) -> S.ListSubjectsResponse:
         collection_id = names.parse_collection(request.parent, "parent")
         size = paging.page_size(request.page_size)
         fingerprint = paging.request_fingerprint(collection_id, "subjects")
@@ -309,27 +324,27 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
         token = (
             paging.encode_page_token(page[-1].subject_id, fingerprint) if len(rows) > size else ""
         )
-        return S.SearchServiceListSubjectsResponse(subjects=subjects, next_page_token=token)
+        return S.ListSubjectsResponse(subjects=subjects, next_page_token=token)
 
     async def DeleteSubject(  # noqa: N802
-        self, request: S.SearchServiceDeleteSubjectRequest, context: Context
-    ) -> S.SearchServiceDeleteSubjectResponse:
+        self, request: S.DeleteSubjectRequest, context: Context
+    ) -> S.DeleteSubjectResponse:
         name = names.parse_subject(request.name)
         collection = await self._core.collection(name.collection)
         deleted = await self._core.delete_subject(collection, name.subject_id, request.force)
-        return S.SearchServiceDeleteSubjectResponse(deleted_face_count=deleted)
+        return S.DeleteSubjectResponse(deleted_face_count=deleted)
 
     async def AssociateFaces(  # noqa: N802
-        self, request: S.SearchServiceAssociateFacesRequest, context: Context
-    ) -> S.SearchServiceAssociateFacesResponse:
+        self, request: S.AssociateFacesRequest, context: Context
+    ) -> S.AssociateFacesResponse:
         subject = await self._change_subject(request.subject, list(request.faces), True)
-        return S.SearchServiceAssociateFacesResponse(subject=subject)
+        return S.AssociateFacesResponse(subject=subject)
 
     async def DisassociateFaces(  # noqa: N802
-        self, request: S.SearchServiceDisassociateFacesRequest, context: Context
-    ) -> S.SearchServiceDisassociateFacesResponse:
+        self, request: S.DisassociateFacesRequest, context: Context
+    ) -> S.DisassociateFacesResponse:
         subject = await self._change_subject(request.subject, list(request.faces), False)
-        return S.SearchServiceDisassociateFacesResponse(subject=subject)
+        return S.DisassociateFacesResponse(subject=subject)
 
     async def _change_subject(
         self, subject_name: str, face_names: list[str], associate: bool
@@ -347,8 +362,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
     # ---------------------------------------------------------------- search
 
     async def SearchFaces(  # noqa: N802
-        self, request: S.SearchServiceSearchFacesRequest, context: Context
-    ) -> S.SearchServiceSearchFacesResponse:
+        self, request: S.SearchFacesRequest, context: Context
+    ) -> S.SearchFacesResponse:
         collection_id = names.parse_collection(request.parent, "parent")
         count = len(request.queries)
         if not 1 <= count <= MAX_QUERIES:
@@ -383,9 +398,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
             request.group_by_subject,
             self._settings.store.hnsw_ef_search,
         )
-        response = S.SearchServiceSearchFacesResponse(
+        response = S.SearchFacesResponse(
             results=[
-                S.SearchServiceSearchFacesResponse.QueryResult(
+                S.SearchFacesResponse.QueryResult(
                     matches=self._matches(
                         collection_id, spec, matches, collection.calibration, request
                     )
@@ -406,19 +421,19 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
         spec: CollectionSpec,
         matches: list[Match],
         calibration: Calibration,
-        request: S.SearchServiceSearchFacesRequest,
+        request: S.SearchFacesRequest,
     ) -> list[resources_pb2.FaceMatch]:
         out = []
         for match in matches:
-            similarity = calibration.similarity(match.cosine)
-            if similarity < request.min_similarity:
+            score = calibration.score(match.cosine)
+            if not score.admitted(request.min_similarity):
                 continue
             out.append(
                 resources_pb2.FaceMatch(
                     face=convert.face_message(collection_id, match.row),
-                    similarity=similarity,
-                    cosine_similarity=match.cosine,
-                    distance=math.sqrt(max(0.0, 2.0 - 2.0 * match.cosine)),
+                    similarity=score.similarity,
+                    cosine_similarity=score.cosine,
+                    distance=score.distance,
                     threshold_applied=request.min_similarity,
                     model_version=spec.model_version,
                 )
@@ -426,23 +441,20 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):  # type: ignore[mis
         return out
 
 
+def build_server(
+    settings: Settings, servicer: SearchServicer, port: int | None = None
+) -> FacegridServer:
+    """The search service's gRPC server around a servicer built with its dependencies (in
+    the event loop it will run in); on ``search.port`` unless ``port`` is given."""
+    registration = ServiceRegistration.of(
+        search_pb2, "SearchService", search_pb2_grpc.add_SearchServiceServicer_to_server, servicer
+    )
+    return FacegridServer.for_service("search", registration, settings, port)
+
+
 async def serve(settings: Settings) -> None:
     core = SearchCore(settings.store, settings.tls)
     await core.open()
     servicer = SearchServicer(settings, core)
-    server = FacegridServer(
-        "search",
-        [
-            ServiceRegistration.of(
-                search_pb2,
-                "SearchService",
-                search_pb2_grpc.add_SearchServiceServicer_to_server,
-                servicer,
-            )
-        ],
-        settings.server,
-        settings.search.port,
-        settings.search.max_concurrent_rpcs,
-        settings.tls,
-    )
+    server = build_server(settings, servicer)
     await run_until_stopped(server, core.close)

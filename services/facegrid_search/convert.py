@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from facegrid import names, validation
+from facegrid import limits, names, validation
 from facegrid.errors import invalid_argument, invalid_arguments
 from facegrid.similarity import Calibration
 from facegrid.v1 import common_pb2, resources_pb2
@@ -42,8 +42,19 @@ def collection_definition(collection: resources_pb2.Collection) -> dict[str, Any
     return to_json(stored)
 
 
-MAX_DISPLAY_NAME = 256
-MAX_DESCRIPTION = 2000
+def index_config(
+    index_type: str, hnsw_m: int, hnsw_ef_construction: int
+) -> resources_pb2.IndexConfig:
+    """The index built for a new collection's faces (``MilvusStore.index_type``)."""
+    if index_type == "HNSW":
+        return resources_pb2.IndexConfig(
+            type=resources_pb2.IndexConfig.TYPE_HNSW,
+            hnsw_m=hnsw_m,
+            hnsw_ef_construction=hnsw_ef_construction,
+        )
+    return resources_pb2.IndexConfig(type=resources_pb2.IndexConfig.TYPE_FLAT)
+
+
 MIN_FACE_RETENTION_S = 3600
 MAX_FACE_RETENTION_S = 100 * 365 * 24 * 3600
 
@@ -53,10 +64,12 @@ def check_collection_fields(
 ) -> None:
     """Limits of a collection's settable fields (those in ``paths``)."""
     violations = []
-    if "display_name" in paths and len(collection.display_name) > MAX_DISPLAY_NAME:
-        violations.append((f"{prefix}.display_name", f"at most {MAX_DISPLAY_NAME} characters"))
-    if "description" in paths and len(collection.description) > MAX_DESCRIPTION:
-        violations.append((f"{prefix}.description", f"at most {MAX_DESCRIPTION} characters"))
+    if "display_name" in paths and len(collection.display_name) > limits.MAX_DISPLAY_NAME:
+        violations.append(
+            (f"{prefix}.display_name", f"at most {limits.MAX_DISPLAY_NAME} characters")
+        )
+    if "description" in paths and len(collection.description) > limits.MAX_DESCRIPTION:
+        violations.append((f"{prefix}.description", f"at most {limits.MAX_DESCRIPTION} characters"))
     if "min_match_threshold" in paths and collection.HasField("min_match_threshold"):
         value = collection.min_match_threshold
         if not (math.isfinite(value) and 0 <= value <= 100):

@@ -231,6 +231,11 @@ class SearchCore:
         except OSError:
             log.exception("could not write the index snapshot; the next start rebuilds it")
 
+    @property
+    def index_type(self) -> str:
+        """The Milvus index a new collection's faces get: "HNSW" or "FLAT"."""
+        return self._store().index_type
+
     def _store(self) -> MilvusStore:
         assert self.store is not None
         return self.store

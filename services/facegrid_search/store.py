@@ -77,6 +77,12 @@ def subjects_collection(collection_id: str) -> str:
     return f"subjects_{collection_id.replace('-', '_')}"
 
 
+# pymilvus pings every 10 s even without calls; Milvus Lite's gRPC server allows one ping
+# in 5 minutes without data and answers the third with GOAWAY "too_many_pings", which
+# gRPC logs as an error (not JSON) on every idle half-minute. Pings only during calls.
+_LITE_OPTIONS: dict[str, Any] = {"grpc_options": {"grpc.keepalive_permit_without_calls": False}}
+
+
 class MilvusStore:
     """Synchronous; the service calls it from a worker thread."""
 
@@ -98,7 +104,11 @@ class MilvusStore:
             uri=settings.uri,
             token=settings.token,
             timeout=settings.timeout_s,
-            **({} if self.is_lite else _tls_arguments(settings.uri, tls_settings or TlsSettings())),
+            **(
+                _LITE_OPTIONS
+                if self.is_lite
+                else _tls_arguments(settings.uri, tls_settings or TlsSettings())
+            ),
         )
         self._consistency = settings.consistency_level
         self.index_type = _index_type(settings.index_type, searches_here)

@@ -2,7 +2,8 @@
 
 Used by the gateway and the ingest service. Every call gets the smaller of the
 configured downstream deadline and what is left of the caller's :class:`Deadline`.
-Only idempotent methods are retried (on UNAVAILABLE, by gRPC's retry policy). Errors
+Only the methods the contract declares idempotent are retried (on UNAVAILABLE, by
+gRPC's retry policy). Errors
 come back to the caller with their rich details, field names translated to the
 caller's request where they differ.
 """
@@ -15,34 +16,23 @@ from typing import Any, TypeVar
 
 import grpc
 
-from facegrid import tls
-from facegrid.config import TlsSettings
+from facegrid import methods, tls
+from facegrid.config import GatewaySettings, IngestSettings, Settings, TlsSettings
 from facegrid.errors import relay, unavailable
 from facegrid.identification.deadline import Deadline
-from facegrid.telemetry import grpc_client_interceptors
-from facegrid.v1 import (
+from facegrid.internal.v1 import (
+    detection_pb2,
     detection_pb2_grpc,
+    embedding_pb2,
     embedding_pb2_grpc,
+    search_pb2,
     search_pb2_grpc,
 )
+from facegrid.server import keepalive_ping_options
+from facegrid.telemetry import grpc_client_interceptors
 
 Response = TypeVar("Response")
 
-# SearchService methods that may be retried: reads, and writes that are idempotent
-# (upserts by face name; associations).
-_IDEMPOTENT_SEARCH_METHODS = (
-    "GetCollection",
-    "ListCollections",
-    "UpdateCollection",
-    "BatchUpsertFaces",
-    "GetFace",
-    "ListFaces",
-    "GetSubject",
-    "ListSubjects",
-    "AssociateFaces",
-    "DisassociateFaces",
-    "SearchFaces",
-)
 _RETRY_POLICY = {
     "maxAttempts": 3,
     "initialBackoff": "0.05s",
@@ -98,14 +88,14 @@ class Downstream:
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
+        # The methods the contract declares idempotent (their idempotency_level).
         retried = {
-            # Every method of detection and embedding is idempotent; of search, these.
-            "detection": [{"service": "facegrid.v1.DetectionService"}],
-            "embedding": [{"service": "facegrid.v1.EmbeddingService"}],
-            "search": [
-                {"service": "facegrid.v1.SearchService", "method": m}
-                for m in _IDEMPOTENT_SEARCH_METHODS
-            ],
+            name: methods.retry_policy_names(service.full_name)
+            for name, service in (
+                ("detection", detection_pb2.DESCRIPTOR.services_by_name["DetectionService"]),
+                ("embedding", embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"]),
+                ("search", search_pb2.DESCRIPTOR.services_by_name["SearchService"]),
+            )
         }
         addresses = {
             "detection": detection_address,
@@ -124,6 +114,20 @@ class Downstream:
         self.detection = detection_pb2_grpc.DetectionServiceStub(self._channels[0])
         self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channels[1])
         self.search = search_pb2_grpc.SearchServiceStub(self._channels[2])
+
+    @classmethod
+    def configured(cls, caller: GatewaySettings | IngestSettings, settings: Settings) -> Downstream:
+        """The channels of a caller (the gateway or ingest) as its settings say: the three
+        addresses and its downstream deadline; TLS, message size and keepalives shared."""
+        return cls(
+            detection_address=caller.detection_address,
+            embedding_address=caller.embedding_address,
+            search_address=caller.search_address,
+            timeout_s=caller.downstream_timeout_s,
+            max_message_bytes=settings.server.max_message_bytes,
+            tls_settings=settings.tls,
+            channel_options=keepalive_ping_options(settings.server),
+        )
 
     async def call(
         self,

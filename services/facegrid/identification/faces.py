@@ -8,16 +8,15 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from facegrid import limits
 from facegrid.config import QualityLevel
 from facegrid.errors import failed_precondition, invalid_argument
 from facegrid.identification.deadline import Deadline
 from facegrid.identification.downstream import Downstream
 from facegrid.identification.policy import QualityPolicy
+from facegrid.internal.v1 import detection_pb2, embedding_pb2
 from facegrid.similarity import Calibration, load_calibration
-from facegrid.v1 import common_pb2, detection_pb2, embedding_pb2
-
-MAX_DETECTED_FACES = 100
-MIN_FACE_SIZE = 20  # the detector's smallest (at its largest enlargement)
+from facegrid.v1 import common_pb2
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Detected:
-    response: detection_pb2.DetectionServiceDetectFacesResponse
+    response: detection_pb2.DetectFacesResponse
 
     @property
     def faces(self) -> list[common_pb2.FaceDetail]:
@@ -69,7 +68,7 @@ class FacePipeline:
             if self._model is None:
                 info = await self._downstream.call(
                     self._downstream.embedding.GetModelInfo,
-                    embedding_pb2.EmbeddingServiceGetModelInfoRequest(),
+                    embedding_pb2.GetModelInfoRequest(),
                     deadline,
                     "embedding",
                 )
@@ -94,19 +93,20 @@ class FacePipeline:
         deadline: Deadline,
         field: str = "image",
         include_chips: bool = True,
-        max_faces: int = MAX_DETECTED_FACES,
+        max_faces: int = limits.MAX_FACES_PER_IMAGE,
         min_confidence: float | None = None,
         min_face_size: int | None = None,
     ) -> Detected:
-        request = detection_pb2.DetectionServiceDetectFacesRequest(
+        request = detection_pb2.DetectFacesRequest(
             image=image, max_faces=max_faces, include_chips=include_chips
         )
         if min_confidence is not None:
             request.min_confidence = min_confidence
         if min_face_size is not None:
-            if min_face_size < MIN_FACE_SIZE:
+            if min_face_size < limits.MIN_FACE_SIZE:
                 raise invalid_argument(
-                    "min_face_size", f"must be at least {MIN_FACE_SIZE} pixels, got {min_face_size}"
+                    "min_face_size",
+                    f"must be at least {limits.MIN_FACE_SIZE} pixels, got {min_face_size}",
                 )
             request.min_face_size = min_face_size
         response = await self._downstream.call(
@@ -125,7 +125,7 @@ class FacePipeline:
             return [], ""
         response = await self._downstream.call(
             self._downstream.embedding.EmbedChips,
-            embedding_pb2.EmbeddingServiceEmbedChipsRequest(chips=[f.chip for f in faces]),
+            embedding_pb2.EmbedChipsRequest(chips=[f.chip for f in faces]),
             deadline,
             "embedding",
         )

@@ -21,7 +21,8 @@ from facegrid.identification.deadline import Deadline
 from facegrid.identification.downstream import Downstream
 from facegrid.identification.faces import FacePipeline, Probe
 from facegrid.identification.policy import ThresholdDecision, ThresholdPolicy, check_requested
-from facegrid.v1 import common_pb2, resources_pb2, search_pb2
+from facegrid.internal.v1 import search_pb2
+from facegrid.v1 import common_pb2, resources_pb2
 
 Purpose = common_pb2.IdentificationContext.Purpose
 
@@ -54,8 +55,8 @@ class Identifier:
         self.thresholds = thresholds
 
     async def search_call(self, request: Message, deadline: Deadline, **renames: str) -> Any:
-        """SearchService.<Method> for a SearchService<Method>Request; its response."""
-        method = type(request).__name__.removeprefix("SearchService").removesuffix("Request")
+        """SearchService.<Method> for a <Method>Request of the search package; its response."""
+        method = type(request).__name__.removesuffix("Request")
         response = await self.downstream.call(
             getattr(self.downstream.search, method),
             request,
@@ -63,7 +64,7 @@ class Identifier:
             "search",
             renames or None,
         )
-        expected = getattr(S, f"SearchService{method}Response")
+        expected = getattr(S, f"{method}Response")
         if not isinstance(response, expected):
             raise internal(f"SearchService.{method} answered with {type(response).__name__}")
         return response
@@ -71,8 +72,8 @@ class Identifier:
     async def collection(
         self, name: str, deadline: Deadline, field: str = "parent"
     ) -> resources_pb2.Collection:
-        response: S.SearchServiceGetCollectionResponse = await self.search_call(
-            S.SearchServiceGetCollectionRequest(name=name), deadline, name=field
+        response: S.GetCollectionResponse = await self.search_call(
+            S.GetCollectionRequest(name=name), deadline, name=field
         )
         return response.collection
 
@@ -117,8 +118,8 @@ class Identifier:
         """The matches of each embedding at or above the decided threshold, one call."""
         if not embeddings:
             return []
-        response: S.SearchServiceSearchFacesResponse = await self.search_call(
-            S.SearchServiceSearchFacesRequest(
+        response: S.SearchFacesResponse = await self.search_call(
+            S.SearchFacesRequest(
                 parent=parent,
                 queries=[common_pb2.Embedding(values=e.values) for e in embeddings],
                 model_version=model_version,

@@ -1,0 +1,315 @@
+"""One connection to the gateway: channel, token, deadlines, retries and error text.
+
+Every FaceService call of the client goes through :class:`FaceClient`, so that each one
+carries the bearer token and a deadline, only idempotent calls are retried (on
+UNAVAILABLE, with exponential backoff, as common.proto asks), and a failure can be
+shown as a few plain lines: the status code, the message and the ``google.rpc``
+details (field violations, reasons), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import grpc
+from facegrid import methods, tls
+from facegrid.auth import bearer_metadata
+from facegrid.v1 import face_service_pb2 as fs
+from facegrid.v1 import face_service_pb2_grpc
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+DEFAULT_DEADLINE_S = 60.0
+# Images may be 15 MiB encoded and the gateway accepts 32 MiB messages.
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+RETRY_ATTEMPTS = 3
+RETRY_FIRST_DELAY_S = 0.5
+
+R = TypeVar("R", bound=Message)
+
+
+class ClientError(Exception):
+    """A problem with what the user asked for, shown as one line (no traceback)."""
+
+
+def default_address() -> str:
+    """The local gateway: 127.0.0.1 and the configured ``gateway.port``.
+
+    Read at call time, not when the parser is built, so that a bad setting in the
+    environment does not break ``facegrid --help``.
+    """
+    from facegrid.config import load_settings
+
+    return f"127.0.0.1:{load_settings().gateway.port}"
+
+
+# Behind a DNS name with several replicas (dns:///gateway.example:50050): calls spread
+# over all of them, a draining one (NOT_SERVING) gets none, and the name is re-resolved
+# as soon as a server asks the client to reconnect (its maximum connection age).
+_SERVICE_CONFIG = json.dumps(
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
+)
+
+
+def open_channel(address: str) -> grpc.Channel:
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.service_config", _SERVICE_CONFIG),
+        ("grpc.dns_min_time_between_resolutions_ms", 1000),
+        # A call is retried only while its request fits the retry buffer (256 KiB by
+        # default, less than many photos): past it, a replica that dies mid-call fails it.
+        ("grpc.per_rpc_retry_buffer_size", 64 * 1024 * 1024),
+        # A restarted replica is reconnected within about a second (gRPC's default
+        # backoff grows to two minutes, during which only the other replicas serve).
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+    from facegrid.config import load_settings
+
+    # TLS as configured (tls.ca_file, tls.client_cert_file): read at call time, as above.
+    return tls.channel(address, load_settings().tls, options)
+
+
+Client = TypeVar("Client", bound="ServiceClient")
+
+
+class ServiceClient:
+    """Calls of one gRPC service with the caller's token and a deadline on every one;
+    only calls the contract declares idempotent (:mod:`facegrid.methods`) are retried,
+    on UNAVAILABLE, with exponential backoff. The retries are the client's own, not
+    gRPC's retry policy, because some methods are idempotent only with some requests
+    (IndexFaces with a request_id, BatchDeleteFaces with allow_missing), and a policy
+    selects by method alone. Subclasses name their service, stub class and methods."""
+
+    service_name: str  # e.g. facegrid.v1.FaceService
+    stub_class: Callable[[grpc.Channel], Any]
+
+    def __init__(
+        self,
+        stub: Any,
+        token: str,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.stub = stub
+        self.metadata = bearer_metadata(token)
+        self.deadline_s = deadline_s
+        self._sleep = sleep
+
+    @classmethod
+    @contextmanager
+    def connect(
+        cls: type[Client], address: str, token: str, deadline_s: float = DEFAULT_DEADLINE_S
+    ) -> Iterator[Client]:
+        """A client on a new channel to ``address``, closed on exit."""
+        with open_channel(address) as channel:
+            yield cls(cls.stub_class(channel), token, deadline_s)
+
+    def _call(self, method: str, request: Message, response: type[R]) -> R:
+        rpc = getattr(self.stub, method)
+        idempotent = methods.method(self.service_name, method).idempotent(request)
+        attempts = RETRY_ATTEMPTS if idempotent else 1
+        delay = RETRY_FIRST_DELAY_S
+        for attempt in range(1, attempts + 1):
+            try:
+                reply = rpc(request, metadata=self.metadata, timeout=self.deadline_s)
+            except grpc.RpcError as error:
+                if attempt == attempts or _code(error) != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self._sleep(delay)
+                delay *= 2
+                continue
+            if not isinstance(reply, response):
+                raise TypeError(f"{method} returned {type(reply).__name__}")
+            return reply
+        raise AssertionError("unreachable")
+
+
+class FaceClient(ServiceClient):
+    """FaceService calls with the caller's token and a deadline on every one.
+
+    ``stub`` is a ``FaceServiceStub`` or anything with the same methods (tests pass an
+    in-memory fake). Identification calls are sent with a ``request_id`` (a new one
+    unless the request has one) and retried: the gateway records a retry answered the
+    same as its first attempt once. Other mutating calls are retried only when
+    idempotent (IndexFaces with a request_id, deletes with allow_missing).
+    """
+
+    service_name = "facegrid.v1.FaceService"
+    stub_class = face_service_pb2_grpc.FaceServiceStub
+
+    # -- detection and comparison ------------------------------------------------
+    def detect_faces(self, request: fs.DetectFacesRequest) -> fs.DetectFacesResponse:
+        return self._call("DetectFaces", request, fs.DetectFacesResponse)
+
+    def compare_faces(self, request: fs.CompareFacesRequest) -> fs.CompareFacesResponse:
+        return self._call("CompareFaces", with_request_id(request), fs.CompareFacesResponse)
+
+    # -- collections ---------------------------------------------------------------
+    def create_collection(self, request: fs.CreateCollectionRequest) -> fs.CreateCollectionResponse:
+        return self._call("CreateCollection", request, fs.CreateCollectionResponse)
+
+    def get_collection(self, request: fs.GetCollectionRequest) -> fs.GetCollectionResponse:
+        return self._call("GetCollection", request, fs.GetCollectionResponse)
+
+    def list_collections(self, request: fs.ListCollectionsRequest) -> fs.ListCollectionsResponse:
+        return self._call("ListCollections", request, fs.ListCollectionsResponse)
+
+    def update_collection(self, request: fs.UpdateCollectionRequest) -> fs.UpdateCollectionResponse:
+        return self._call("UpdateCollection", request, fs.UpdateCollectionResponse)
+
+    def delete_collection(self, request: fs.DeleteCollectionRequest) -> fs.DeleteCollectionResponse:
+        return self._call("DeleteCollection", request, fs.DeleteCollectionResponse)
+
+    # -- faces -------------------------------------------------------------------------
+    def index_faces(self, request: fs.IndexFacesRequest) -> fs.IndexFacesResponse:
+        # Retried only with a request_id (the contract's idempotent_when): a retry without
+        # one would index twice.
+        return self._call("IndexFaces", request, fs.IndexFacesResponse)
+
+    def get_face(self, request: fs.GetFaceRequest) -> fs.GetFaceResponse:
+        return self._call("GetFace", request, fs.GetFaceResponse)
+
+    def list_faces(self, request: fs.ListFacesRequest) -> fs.ListFacesResponse:
+        return self._call("ListFaces", request, fs.ListFacesResponse)
+
+    def batch_delete_faces(
+        self, request: fs.BatchDeleteFacesRequest
+    ) -> fs.BatchDeleteFacesResponse:
+        return self._call("BatchDeleteFaces", request, fs.BatchDeleteFacesResponse)
+
+    def search_faces(self, request: fs.SearchFacesRequest) -> fs.SearchFacesResponse:
+        return self._call("SearchFaces", with_request_id(request), fs.SearchFacesResponse)
+
+    def search_faces_by_image(
+        self, request: fs.SearchFacesByImageRequest
+    ) -> fs.SearchFacesByImageResponse:
+        return self._call(
+            "SearchFacesByImage", with_request_id(request), fs.SearchFacesByImageResponse
+        )
+
+    # -- subjects ------------------------------------------------------------------
+    def create_subject(self, request: fs.CreateSubjectRequest) -> fs.CreateSubjectResponse:
+        return self._call("CreateSubject", request, fs.CreateSubjectResponse)
+
+    def get_subject(self, request: fs.GetSubjectRequest) -> fs.GetSubjectResponse:
+        return self._call("GetSubject", request, fs.GetSubjectResponse)
+
+    def list_subjects(self, request: fs.ListSubjectsRequest) -> fs.ListSubjectsResponse:
+        return self._call("ListSubjects", request, fs.ListSubjectsResponse)
+
+    def delete_subject(self, request: fs.DeleteSubjectRequest) -> fs.DeleteSubjectResponse:
+        return self._call("DeleteSubject", request, fs.DeleteSubjectResponse)
+
+    def search_subjects_by_image(
+        self, request: fs.SearchSubjectsByImageRequest
+    ) -> fs.SearchSubjectsByImageResponse:
+        return self._call(
+            "SearchSubjectsByImage",
+            with_request_id(request),
+            fs.SearchSubjectsByImageResponse,
+        )
+
+    # -- audit -----------------------------------------------------------------------
+    def list_audit_records(
+        self, request: fs.ListAuditRecordsRequest
+    ) -> fs.ListAuditRecordsResponse:
+        return self._call("ListAuditRecords", request, fs.ListAuditRecordsResponse)
+
+    def get_audit_checkpoint(self) -> fs.GetAuditCheckpointResponse:
+        return self._call(
+            "GetAuditCheckpoint",
+            fs.GetAuditCheckpointRequest(),
+            fs.GetAuditCheckpointResponse,
+        )
+
+
+M = TypeVar("M", bound=Message)
+
+
+def with_request_id(request: M) -> M:
+    """The request with a request_id: its own, or a copy with a new one."""
+    if request.request_id:  # type: ignore[attr-defined]
+        return request
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.request_id = str(uuid.uuid4())  # type: ignore[attr-defined]
+    return copy
+
+
+def status_code(error: grpc.RpcError) -> grpc.StatusCode | None:
+    """The status code of a failed call (None for an error that carries none)."""
+    return _code(error)
+
+
+def _code(error: grpc.RpcError) -> grpc.StatusCode | None:
+    code = getattr(error, "code", None)
+    return code() if callable(code) else None
+
+
+def describe_rpc_error(error: grpc.RpcError) -> list[str]:
+    """A failed call as short lines: code and message, then one line per detail."""
+    code = _code(error)
+    details = getattr(error, "details", None)
+    message = details() if callable(details) else str(error)
+    lines = [f"{code.name if code is not None else 'ERROR'}: {message or '(no message)'}"]
+    try:
+        status = rpc_status.from_call(error)
+    except (ValueError, AttributeError, TypeError):
+        status = None
+    if status is None:
+        return lines
+    for packed in status.details:
+        lines.extend(_detail_lines(packed))
+    return lines
+
+
+def short_rpc_error(error: grpc.RpcError) -> str:
+    """A failed call on one line, for a summary: details the message repeats are left out."""
+    head, *details = describe_rpc_error(error)
+    extra = []
+    for line in (d.strip() for d in details):
+        if line.startswith("field "):
+            field, _, description = line.removeprefix("field ").partition(": ")
+            if f"{field}: {description}" in head:
+                continue
+        extra.append(line)
+    return "; ".join([head, *extra])
+
+
+def _detail_lines(packed: Any) -> list[str]:
+    """One line per field violation, reason, quota or precondition in a status detail."""
+    if packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+        bad_request = error_details_pb2.BadRequest()
+        packed.Unpack(bad_request)
+        return [f"  field {v.field}: {v.description}" for v in bad_request.field_violations]
+    if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+        info = error_details_pb2.ErrorInfo()
+        packed.Unpack(info)
+        extra = "".join(f", {k}={v}" for k, v in sorted(info.metadata.items()))
+        return [f"  reason: {info.reason} ({info.domain}{extra})"]
+    if packed.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
+        failure = error_details_pb2.PreconditionFailure()
+        packed.Unpack(failure)
+        return [f"  precondition {v.type} {v.subject}: {v.description}" for v in failure.violations]
+    if packed.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+        quota = error_details_pb2.QuotaFailure()
+        packed.Unpack(quota)
+        return [f"  limit {v.subject}: {v.description}" for v in quota.violations]
+    if packed.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+        retry = error_details_pb2.RetryInfo()
+        packed.Unpack(retry)
+        return [f"  retry after {retry.retry_delay.ToMilliseconds() / 1000:.1f} s"]
+    if packed.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
+        resource = error_details_pb2.ResourceInfo()
+        packed.Unpack(resource)
+        return [f"  resource {resource.resource_type} {resource.resource_name}"]
+    return []

@@ -1,0 +1,3 @@
+"""The whole system on one machine: the launcher of ``facegrid up`` and the processes the
+tests and benchmarks start (Triton, Milvus, nats-server). No service imports it.
+"""
