@@ -39,6 +39,7 @@ grpc_gevent.init_gevent()
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "services"))
 
+from facegrid import methods  # noqa: E402
 from facegrid.v1 import common_pb2, face_service_pb2, face_service_pb2_grpc  # noqa: E402
 
 F = face_service_pb2
@@ -55,32 +56,19 @@ CONTEXT = common_pb2.IdentificationContext(
     purpose=common_pb2.IdentificationContext.PURPOSE_TESTING, case_id="LOAD-1"
 )
 LEDGER = os.environ.get("FACEGRID_LOAD_LEDGER", "")
-IDEMPOTENT = [
-    "SearchFacesByImage",
-    "CompareFaces",
-    "IndexFaces",
-    "BatchDeleteFaces",
-    "GetCollection",
-    "ListFaces",
-    "GetFace",
-]
-SERVICE_CONFIG = json.dumps(
+# Every method the contract declares idempotent, and those idempotent as this mix sends
+# them (IndexFaces with a request_id, BatchDeleteFaces with allow_missing).
+SERVICE_CONFIG = methods.service_config(
+    methods.retry_policy_names(
+        "facegrid.v1.FaceService", always_sent_with=["request_id", "allow_missing"]
+    ),
     {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "healthCheckConfig": {"serviceName": ""},
-        "methodConfig": [
-            {
-                "name": [{"service": "facegrid.v1.FaceService", "method": m} for m in IDEMPOTENT],
-                "retryPolicy": {
-                    "maxAttempts": 4,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ],
-    }
+        "maxAttempts": 4,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "1s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    },
 )
 
 

@@ -8,6 +8,8 @@ here, so that none can drift from the contract.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, cast
@@ -35,12 +37,6 @@ class MethodFacts:
     @property
     def always_idempotent(self) -> bool:
         return self.idempotency_level in _REPEATABLE
-
-    def idempotent(self, request: Any) -> bool:
-        """Whether this call, with this request, may be sent again after UNAVAILABLE."""
-        if self.always_idempotent:
-            return True
-        return bool(self.idempotent_when) and bool(getattr(request, self.idempotent_when))
 
 
 def service_descriptor(full_name: str) -> ServiceDescriptor:
@@ -70,11 +66,30 @@ def method(full_service_name: str, name: str) -> MethodFacts:
     return of_service(full_service_name)[name]
 
 
-def retry_policy_names(full_name: str) -> list[dict[str, str]]:
+def retry_policy_names(
+    full_name: str, always_sent_with: Iterable[str] = ()
+) -> list[dict[str, str]]:
     """The ``name`` entries of a gRPC service config's methodConfig that select the
-    service's always-idempotent methods (gRPC's retry policy cannot look at a request)."""
+    service's always-idempotent methods, and those whose ``idempotent_when`` field the
+    caller always sets (``always_sent_with``: the client gives every IndexFaces a
+    request_id); gRPC's retry policy selects by method and cannot look at a request."""
+    sent_with = set(always_sent_with)
     return [
         {"service": full_name, "method": facts.name}
         for facts in of_service(full_name).values()
-        if facts.always_idempotent
+        if facts.always_idempotent or (facts.idempotent_when and facts.idempotent_when in sent_with)
     ]
+
+
+def service_config(retried: list[dict[str, str]], retry_policy: dict[str, Any]) -> str:
+    """A channel's gRPC service config: round-robin over every address a name resolves
+    to (every pod behind a headless Kubernetes Service), client-side health checking (a
+    draining replica, NOT_SERVING, gets no new call) and ``retry_policy`` for the
+    ``retried`` methods (:func:`retry_policy_names`)."""
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "healthCheckConfig": {"serviceName": ""},
+            "methodConfig": [{"name": retried, "retryPolicy": retry_policy}],
+        }
+    )

@@ -1,16 +1,16 @@
 """One connection to the gateway: channel, token, deadlines, retries and error text.
 
 Every FaceService call of the client goes through :class:`FaceClient`, so that each one
-carries the bearer token and a deadline, only idempotent calls are retried (on
-UNAVAILABLE, with exponential backoff, as common.proto asks), and a failure can be
+carries the bearer token and a deadline, only idempotent calls are retried (gRPC's
+retry policy on UNAVAILABLE, with exponential backoff, as common.proto asks, for the
+methods the contract declares idempotent: :mod:`facegrid.methods`), and a failure can be
 shown as a few plain lines: the status code, the message and the ``google.rpc``
 details (field violations, reasons), never a traceback.
 """
 
 from __future__ import annotations
 
-import json
-import time
+import functools
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,8 +28,14 @@ from grpc_status import rpc_status
 DEFAULT_DEADLINE_S = 60.0
 # Images may be 15 MiB encoded and the gateway accepts 32 MiB messages.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
-RETRY_ATTEMPTS = 3
-RETRY_FIRST_DELAY_S = 0.5
+# Retries of idempotent calls on UNAVAILABLE: a gateway restarting or a replica going.
+RETRY_POLICY = {
+    "maxAttempts": 3,
+    "initialBackoff": "0.5s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
 
 R = TypeVar("R", bound=Message)
 
@@ -51,17 +57,29 @@ def default_address() -> str:
 
 # Behind a DNS name with several replicas (dns:///gateway.example:50050): calls spread
 # over all of them, a draining one (NOT_SERVING) gets none, and the name is re-resolved
-# as soon as a server asks the client to reconnect (its maximum connection age).
-_SERVICE_CONFIG = json.dumps(
-    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
-)
+# as soon as a server asks the client to reconnect (its maximum connection age). The
+# FaceService and IngestService methods retried: those the contract declares
+# idempotent, and IndexFaces, which FaceClient always sends with a request_id (its
+# idempotent_when). BatchDeleteFaces is idempotent only with allow_missing, which the
+# client cannot choose for the caller: it is not retried.
+@functools.cache
+def _service_config() -> str:
+    from facegrid.v1 import ingest_pb2  # noqa: F401  (its services in the descriptor pool)
+
+    return methods.service_config(
+        [
+            *methods.retry_policy_names("facegrid.v1.FaceService", always_sent_with=["request_id"]),
+            *methods.retry_policy_names("facegrid.v1.IngestService"),
+        ],
+        RETRY_POLICY,
+    )
 
 
 def open_channel(address: str) -> grpc.Channel:
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.service_config", _SERVICE_CONFIG),
+        ("grpc.service_config", _service_config()),
         ("grpc.dns_min_time_between_resolutions_ms", 1000),
         # A call is retried only while its request fits the retry buffer (256 KiB by
         # default, less than many photos): past it, a replica that dies mid-call fails it.
@@ -83,26 +101,16 @@ Client = TypeVar("Client", bound="ServiceClient")
 
 class ServiceClient:
     """Calls of one gRPC service with the caller's token and a deadline on every one;
-    only calls the contract declares idempotent (:mod:`facegrid.methods`) are retried,
-    on UNAVAILABLE, with exponential backoff. The retries are the client's own, not
-    gRPC's retry policy, because some methods are idempotent only with some requests
-    (IndexFaces with a request_id, BatchDeleteFaces with allow_missing), and a policy
-    selects by method alone. Subclasses name their service, stub class and methods."""
+    the channel (:func:`open_channel`) retries the idempotent ones. Subclasses name
+    their service, stub class and methods."""
 
     service_name: str  # e.g. facegrid.v1.FaceService
     stub_class: Callable[[grpc.Channel], Any]
 
-    def __init__(
-        self,
-        stub: Any,
-        token: str,
-        deadline_s: float = DEFAULT_DEADLINE_S,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
+    def __init__(self, stub: Any, token: str, deadline_s: float = DEFAULT_DEADLINE_S) -> None:
         self.stub = stub
         self.metadata = bearer_metadata(token)
         self.deadline_s = deadline_s
-        self._sleep = sleep
 
     @classmethod
     @contextmanager
@@ -114,33 +122,20 @@ class ServiceClient:
             yield cls(cls.stub_class(channel), token, deadline_s)
 
     def _call(self, method: str, request: Message, response: type[R]) -> R:
-        rpc = getattr(self.stub, method)
-        idempotent = methods.method(self.service_name, method).idempotent(request)
-        attempts = RETRY_ATTEMPTS if idempotent else 1
-        delay = RETRY_FIRST_DELAY_S
-        for attempt in range(1, attempts + 1):
-            try:
-                reply = rpc(request, metadata=self.metadata, timeout=self.deadline_s)
-            except grpc.RpcError as error:
-                if attempt == attempts or _code(error) != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                self._sleep(delay)
-                delay *= 2
-                continue
-            if not isinstance(reply, response):
-                raise TypeError(f"{method} returned {type(reply).__name__}")
-            return reply
-        raise AssertionError("unreachable")
+        reply = getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.deadline_s)
+        if not isinstance(reply, response):
+            raise TypeError(f"{method} returned {type(reply).__name__}")
+        return reply
 
 
 class FaceClient(ServiceClient):
     """FaceService calls with the caller's token and a deadline on every one.
 
     ``stub`` is a ``FaceServiceStub`` or anything with the same methods (tests pass an
-    in-memory fake). Identification calls are sent with a ``request_id`` (a new one
-    unless the request has one) and retried: the gateway records a retry answered the
-    same as its first attempt once. Other mutating calls are retried only when
-    idempotent (IndexFaces with a request_id, deletes with allow_missing).
+    in-memory fake). Identification calls and IndexFaces are sent with a
+    ``request_id`` (a new one unless the request has one), so that a retry is
+    answered as the first attempt was: the gateway records an identification once and
+    indexes a photo once.
     """
 
     service_name = "facegrid.v1.FaceService"
@@ -171,9 +166,9 @@ class FaceClient(ServiceClient):
 
     # -- faces -------------------------------------------------------------------------
     def index_faces(self, request: fs.IndexFacesRequest) -> fs.IndexFacesResponse:
-        # Retried only with a request_id (the contract's idempotent_when): a retry without
-        # one would index twice.
-        return self._call("IndexFaces", request, fs.IndexFacesResponse)
+        # Always with a request_id (the contract's idempotent_when), which makes it safe
+        # to retry: without one, a retry could index the photo twice.
+        return self._call("IndexFaces", with_request_id(request), fs.IndexFacesResponse)
 
     def get_face(self, request: fs.GetFaceRequest) -> fs.GetFaceResponse:
         return self._call("GetFace", request, fs.GetFaceResponse)

@@ -51,7 +51,6 @@ from facegrid_client.commands import (
     print_rpc_error,
 )
 from facegrid_client.connection import (
-    RETRY_FIRST_DELAY_S,
     ClientError,
     ServiceClient,
     describe_rpc_error,
@@ -70,6 +69,8 @@ SOURCE_ID = names.SOURCE_ID
 URL_SCHEMES = ("rtsp", "rtsps", "http", "https", "file")
 WATCHLIST_PURPOSE = "watchlist-monitoring"
 PAGE_SIZE = 1000
+# A lost event stream is resumed from its cursor after this, doubling while it stays lost.
+RESUME_FIRST_DELAY_S = 0.5
 # How often the processor's state is polled while watching.
 POLL_S = 2.0
 # Once every source has ended: how long to wait for the last events, at least and at most.
@@ -970,7 +971,7 @@ class _Subscription:
 
     def _run(self) -> None:
         request = self._request
-        delay = RETRY_FIRST_DELAY_S
+        delay = RESUME_FIRST_DELAY_S
         while not self._closed.is_set():
             with self._lock:
                 if self._closed.is_set():
@@ -982,7 +983,7 @@ class _Subscription:
             try:
                 for message in call:
                     self._last_message = time.monotonic()
-                    delay = RETRY_FIRST_DELAY_S
+                    delay = RESUME_FIRST_DELAY_S
                     if message.HasField("event"):
                         self._cursor = message.event.cursor
                         self._queue.put(message.event)

@@ -7,7 +7,6 @@ fake, and the chain verifier against hand-built AuditRecord messages.
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -550,56 +549,6 @@ def test_seeding_stops_on_errors_every_call_would_meet(tmp_path: Path) -> None:
     summary = seed_with_client(manifest, FaceClient(service, "t"), jobs=1)
     assert summary.aborted == "PERMISSION_DENIED from the gateway"
     assert (len(summary.errors), summary.not_attempted) == (1, 9)
-
-
-def test_unavailable_is_retried_only_where_idempotent() -> None:
-    class Flaky:
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def __call__(self, request: Any, metadata: Any, timeout: float) -> Any:
-            self.calls += 1
-            if self.calls < 3:
-                raise FakeRpcError(grpc.StatusCode.UNAVAILABLE, "down")
-            return fs.ListCollectionsResponse()
-
-    class Stub:
-        ListCollections = Flaky()
-        CreateCollection = Flaky()
-
-    client = FaceClient(Stub(), "t", sleep=lambda _s: None)
-    client.list_collections(fs.ListCollectionsRequest())
-    assert Stub.ListCollections.calls == 3
-    with pytest.raises(grpc.RpcError):
-        client.create_collection(fs.CreateCollectionRequest(collection_id="c"))
-    assert Stub.CreateCollection.calls == 1
-
-
-def test_a_search_is_retried_with_one_request_id() -> None:
-    """Identification calls get a request_id once, so that every retry carries it and
-    the gateway records the call once."""
-    sent: list[str] = []
-
-    def flaky(request: Any, metadata: Any, timeout: float) -> Any:
-        sent.append(request.request_id)
-        if len(sent) < 3:
-            raise FakeRpcError(grpc.StatusCode.UNAVAILABLE, "down")
-        return fs.SearchFacesResponse()
-
-    class Stub:
-        SearchFaces = staticmethod(flaky)
-
-    client = FaceClient(Stub(), "t", sleep=lambda _s: None)
-    request = fs.SearchFacesRequest(face="collections/c/faces/f")
-    client.search_faces(request)
-    assert len(sent) == 3
-    assert len(set(sent)) == 1
-    assert uuid.UUID(sent[0])
-    assert not request.request_id  # the caller's message is left as it was
-    given = str(uuid.uuid4())
-    sent.clear()
-    client.search_faces(fs.SearchFacesRequest(face="collections/c/faces/f", request_id=given))
-    assert set(sent) == {given}
 
 
 def test_error_lines() -> None:

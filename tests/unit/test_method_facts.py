@@ -139,15 +139,18 @@ def test_the_gateway_retries_exactly_the_idempotent_internal_methods() -> None:
         assert ("facegrid.internal.v1.SearchService", never) not in names
 
 
-def test_a_conditionally_idempotent_call_is_retried_only_with_its_field() -> None:
-    index = methods.method("facegrid.v1.FaceService", "IndexFaces")
-    assert not index.idempotent(face_service_pb2.IndexFacesRequest())
-    assert index.idempotent(face_service_pb2.IndexFacesRequest(request_id="r-1"))
-    delete = methods.method("facegrid.v1.FaceService", "BatchDeleteFaces")
-    assert not delete.idempotent(face_service_pb2.BatchDeleteFacesRequest())
-    assert delete.idempotent(face_service_pb2.BatchDeleteFacesRequest(allow_missing=True))
-    create = methods.method("facegrid.v1.IngestService", "CreateStreamProcessor")
-    assert not create.idempotent(ingest_pb2.CreateStreamProcessorRequest())
+def test_a_conditional_method_is_retried_only_when_always_sent_with_its_field() -> None:
+    def retried(service: str, sent_with: list[str]) -> set[str]:
+        return {entry["method"] for entry in methods.retry_policy_names(service, sent_with)}
+
+    face = "facegrid.v1.FaceService"
+    assert methods.method(face, "IndexFaces").idempotent_when == "request_id"
+    assert methods.method(face, "BatchDeleteFaces").idempotent_when == "allow_missing"
+    assert "IndexFaces" not in retried(face, [])
+    assert "IndexFaces" in retried(face, ["request_id"])  # the client always sets one
+    assert "BatchDeleteFaces" not in retried(face, ["request_id"])
+    assert "BatchDeleteFaces" in retried(face, ["allow_missing"])
+    assert "CreateStreamProcessor" not in retried("facegrid.v1.IngestService", ["request_id"])
 
 
 def test_a_service_without_scopes_cannot_be_guarded() -> None:

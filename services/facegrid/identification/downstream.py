@@ -10,7 +10,6 @@ caller's request where they differ.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -40,19 +39,6 @@ _RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
-
-
-def _service_config(names: list[dict[str, str]]) -> str:
-    return json.dumps(
-        {
-            # With a headless Kubernetes Service (dns:///name:port), calls spread over pods.
-            "loadBalancingConfig": [{"round_robin": {}}],
-            # Client-side health checking: an instance that is draining (NOT_SERVING)
-            # gets no new calls, so a rolling restart fails none.
-            "healthCheckConfig": {"serviceName": ""},
-            "methodConfig": [{"name": names, "retryPolicy": _RETRY_POLICY}],
-        }
-    )
 
 
 class Downstream:
@@ -106,7 +92,10 @@ class Downstream:
             tls.aio_channel(
                 addresses[name],
                 tls_settings,
-                [*options, ("grpc.service_config", _service_config(retried[name]))],
+                [
+                    *options,
+                    ("grpc.service_config", methods.service_config(retried[name], _RETRY_POLICY)),
+                ],
                 grpc_client_interceptors(),
             )
             for name in ("detection", "embedding", "search")
