@@ -35,10 +35,14 @@ def signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         os.killpg(process.pid, sig)
 
 
-def stop_group(process: subprocess.Popen[bytes], timeout_s: float) -> int:
+def stop_group(
+    process: subprocess.Popen[bytes], timeout_s: float, kill_leftovers: bool = True
+) -> int:
     """Stop a server started in its own session: SIGTERM to its group, up to
     ``timeout_s`` for a clean shutdown, then SIGKILL. One that had exited already gets
-    SIGKILL for anything it left behind (a crashed server's children). Its exit code."""
+    SIGKILL for anything it left behind (a crashed server's children), unless
+    ``kill_leftovers`` is false: for a server that starts no children, whose group id
+    could belong to another process once its leader is reaped. Its exit code."""
     if process.poll() is None:
         signal_group(process, signal.SIGTERM)
         try:
@@ -46,7 +50,7 @@ def stop_group(process: subprocess.Popen[bytes], timeout_s: float) -> int:
         except subprocess.TimeoutExpired:
             signal_group(process, signal.SIGKILL)
             process.wait(timeout=30)
-    else:
+    elif kill_leftovers:
         signal_group(process, signal.SIGKILL)
     return int(process.returncode)
 

@@ -23,7 +23,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from types import TracebackType
 from typing import Any, BinaryIO, Self
 from urllib.parse import quote
 
-from facegrid_harness.processes import free_ports, signal_group
+from facegrid_harness.processes import free_ports, stop_group
 
 PUSHER = Path(__file__).resolve().with_name("rtsp_pusher.py")
 RTSP_SERVER = "rtsp-server-perl"
@@ -56,22 +55,6 @@ def _guarded(command: list[str]) -> list[str]:
     if setpriv is None:
         return command
     return [setpriv, "--pdeathsig", "KILL", "--", *command]
-
-
-def _stop_process(process: subprocess.Popen[bytes], grace_s: float = 3.0) -> None:
-    """SIGTERM the process group, then SIGKILL it if it does not leave in time.
-
-    The group is only signalled while its leader has not been reaped, so the id cannot
-    have been reused by then (neither the relay nor the pusher starts children).
-    """
-    if process.poll() is not None:
-        return
-    signal_group(process, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        signal_group(process, signal.SIGKILL)
-        process.wait(timeout=grace_s)
 
 
 def _free_udp_block(count: int) -> int:
@@ -156,7 +139,8 @@ class RtspServer:
         for path in list(self.pushers):
             self.stop_pusher(path)
         if self.process is not None:
-            _stop_process(self.process)
+            # Neither the relay nor the pusher starts children: nothing outlives its leader.
+            stop_group(self.process, 3.0, kill_leftovers=False)
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def __enter__(self) -> Self:
@@ -222,7 +206,7 @@ class RtspServer:
         """Stop pushing ``path`` (the camera goes away); no-op if none runs."""
         process = self.pushers.pop(path, None)
         if process is not None:
-            _stop_process(process)
+            stop_group(process, 3.0, kill_leftovers=False)
 
     def wait_stream(
         self, path: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None
