@@ -33,6 +33,12 @@ RPC_LATENCY = Histogram(
     ["service", "method"],
     buckets=_LATENCY_BUCKETS,
 )
+RPC_IN_FLIGHT = Gauge(
+    "facegrid_rpc_in_flight",
+    "gRPC calls being served now, by method (streams count while open); what the "
+    "gateway's and ingest's autoscalers can follow (k8s/components/custom-metrics).",
+    ["service", "method"],
+)
 INFERENCE_LATENCY = Histogram(
     "facegrid_inference_duration_seconds",
     "Time of one model inference call, by model and backend.",

@@ -30,7 +30,7 @@ from facegrid import tls
 from facegrid.config import ServerSettings, Settings, TlsSettings
 from facegrid.errors import ServiceError, internal
 from facegrid.logs import log_rpc
-from facegrid.metrics import RPC_ERRORS, RPC_LATENCY, RPC_REQUESTS
+from facegrid.metrics import RPC_ERRORS, RPC_IN_FLIGHT, RPC_LATENCY, RPC_REQUESTS
 from facegrid.telemetry import grpc_server_interceptor
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,8 @@ async def _recorded(context: grpc.aio.ServicerContext, call: _CallRecorder) -> A
     never shown); the code, time and reason are counted and logged."""
     started = time.perf_counter()
     code, reason = grpc.StatusCode.OK, ""
+    in_flight = RPC_IN_FLIGHT.labels(call.service, call.method)
+    in_flight.inc()
     try:
         yield
     except ServiceError as exc:
@@ -164,6 +166,7 @@ async def _recorded(context: grpc.aio.ServicerContext, call: _CallRecorder) -> A
         log.exception("unhandled error in %s", call.method)
         await _abort(context, internal(f"internal error in {call.method}"))
     finally:
+        in_flight.dec()
         call.record(started, code, reason)
 
 
