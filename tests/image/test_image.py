@@ -1,0 +1,128 @@
+"""The container image, started as Kubernetes would start it (run by hand: `make test-image`).
+
+Not in `make test`: it needs podman (or buildah's runtime) and an image built by
+`make image`, which takes minutes. The container runs as the manifests run it: user
+10001, a read-only root filesystem with /tmp the only writable place, every capability
+dropped, no privilege escalation, TLS from mounted files (the service refuses plaintext
+on a non-loopback address), and health on its own plaintext port, as kubelet's gRPC
+probes ask it. The test gets SERVING from grpc.health.v1, then stops the container with
+SIGTERM and expects a clean exit within the drain and grace periods.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import trustme
+from facegrid_harness.processes import free_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+IMAGE = os.environ.get("FACEGRID_IMAGE", "localhost/facegrid:0.1.0")
+PODMAN = os.environ.get("PODMAN", "podman")
+# This machine's cgroup set-up needs runc and lowered ulimits (README, "Container image").
+RUN_FLAGS = os.environ.get(
+    "PODMAN_RUN_FLAGS", "--runtime runc --ulimit nofile=1024:1024 --ulimit nproc=4096:4096"
+).split()
+HEALTH_DEADLINE_S = 90.0
+
+
+def _podman(
+    *args: str, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PODMAN, *args], capture_output=True, text=True, check=check, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    if shutil.which(PODMAN) is None:
+        pytest.fail(f"{PODMAN} is not installed (apt-get install podman buildah runc)")
+    if _podman("image", "exists", IMAGE, check=False).returncode != 0:
+        pytest.fail(f"no image {IMAGE}: build it with `make image`")
+    return IMAGE
+
+
+@pytest.fixture
+def tls_folder(tmp_path: Path) -> Path:
+    """A CA and a server certificate for the service's name, readable by user 10001."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("search", "localhost", "127.0.0.1")
+    folder = tmp_path / "tls"
+    folder.mkdir()
+    leaf.private_key_pem.write_to_path(str(folder / "tls.key"))
+    leaf.cert_chain_pems[0].write_to_path(str(folder / "tls.crt"))
+    ca.cert_pem.write_to_path(str(folder / "ca.crt"))
+    for path in [folder, *folder.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    tmp_path.chmod(0o755)
+    return folder
+
+
+@pytest.fixture
+def search_container(image: str, tls_folder: Path) -> Iterator[tuple[str, int]]:
+    health_port = free_port()
+    name = f"facegrid-image-test-{os.getpid()}"
+    tls = "/etc/facegrid/tls"
+    env = {
+        "FACEGRID_SERVER__HOST": "0.0.0.0",
+        "FACEGRID_SERVER__HEALTH_PORT": "8086",
+        "FACEGRID_SERVER__DRAIN_S": "1",
+        "FACEGRID_TLS__CERT_FILE": f"{tls}/tls.crt",
+        "FACEGRID_TLS__KEY_FILE": f"{tls}/tls.key",
+        "FACEGRID_TLS__CLIENT_CA_FILE": f"{tls}/ca.crt",
+        "FACEGRID_STORE__URI": "/tmp/facegrid.db",
+        "GRPC_VERBOSITY": "ERROR",
+    }
+    _podman(
+        "run", "--detach", "--name", name, *RUN_FLAGS,
+        "--user", "10001:10001", "--read-only", "--tmpfs", "/tmp",
+        "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+        "--volume", f"{tls_folder}:{tls}:ro",
+        "--publish", f"127.0.0.1:{health_port}:8086",
+        *[f"--env={key}={value}" for key, value in env.items()],
+        image, "serve", "search", "--port", "50053",
+    )  # fmt: skip
+    try:
+        yield name, health_port
+    finally:
+        _podman("rm", "--force", "--time", "0", name, check=False)
+
+
+def _health_status(port: int) -> int | None:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2
+            )
+        except grpc.RpcError:
+            return None
+    return int(reply.status)
+
+
+def test_the_image_serves_health_and_stops_cleanly(search_container: tuple[str, int]) -> None:
+    name, port = search_container
+    deadline = time.monotonic() + HEALTH_DEADLINE_S
+    status = None
+    while time.monotonic() < deadline:
+        status = _health_status(port)
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            break
+        if _podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip() != "true":
+            break
+        time.sleep(1)
+    logs = _podman("logs", name).stderr
+    assert status == health_pb2.HealthCheckResponse.SERVING, logs[-4000:]
+
+    _podman("stop", "--time", "30", name)
+    exit_code = _podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+    logs = _podman("logs", name).stderr
+    assert exit_code == "0", logs[-4000:]
+    assert "Traceback" not in logs, logs[-4000:]
