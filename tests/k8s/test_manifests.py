@@ -134,9 +134,21 @@ def test_autoscalers_target_real_deployments(target: str) -> None:
 
 
 @pytest.mark.parametrize("target", OVERLAYS)
+def test_an_autoscaled_deployment_leaves_its_replicas_to_the_autoscaler(target: str) -> None:
+    """With spec.replicas set, every apply would reset the count the autoscaler chose."""
+    scaled = {
+        hpa["spec"]["scaleTargetRef"]["name"] for hpa in of_kind(target, "HorizontalPodAutoscaler")
+    }
+    for workload in workloads(target):
+        assert ("replicas" in workload.manifest["spec"]) == (workload.name not in scaled), (
+            workload.name
+        )
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
 def test_the_gateway_rolls_without_downtime(target: str) -> None:
     gateway = named(target, "Deployment", "gateway")["spec"]
-    assert gateway["replicas"] >= 2
+    assert named(target, "HorizontalPodAutoscaler", "gateway")["spec"]["minReplicas"] >= 2
     assert gateway["strategy"] == {
         "type": "RollingUpdate",
         "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
