@@ -60,6 +60,10 @@ class AuditDraft:
     def target(self, name: str) -> None:
         self.record.target = name
 
+    def review(self, decision: face_service_pb2.ReviewDecision) -> None:
+        """An examiner's decision on a candidate: the record of CreateReviewDecision."""
+        self.record.review_decision.CopyFrom(decision)
+
     def images(self, *images: bytes) -> None:
         self.record.image_digests.extend(hashlib.sha256(i).digest() for i in images)
 
@@ -172,9 +176,9 @@ class Gatekeeper:
             )
 
     @staticmethod
-    def _check_purpose(draft: AuditDraft, context: common_pb2.IdentificationContext | None) -> None:
-        """An identification call's purpose (its request's, or a stream processor's one
-        level down) must be one the caller is allowed."""
+    def check_purpose(draft: AuditDraft, context: common_pb2.IdentificationContext | None) -> None:
+        """An identification call's purpose (its request's, a stream processor's one
+        level down, or a reviewed call's) must be one the caller is allowed."""
         if not draft.purposes or context is None:
             return
         purpose = context.purpose
@@ -220,7 +224,7 @@ class Gatekeeper:
             given = _identification_context(request)
             if given is not None:
                 draft.context(given)  # on the record even if refused before the method
-            self._check_purpose(draft, given)
+            self.check_purpose(draft, given)
             if self.quotas is not None:
                 await self.quotas.take(draft.principal, method_name)
             if audited:

@@ -33,6 +33,8 @@ SCOPE_ENROL = "facegrid.enrol"
 SCOPE_DELETE = "facegrid.delete"
 SCOPE_ADMIN = "facegrid.admin"
 SCOPE_AUDIT = "facegrid.audit"
+# Examiners: record and read decisions on the candidates of identification calls.
+SCOPE_REVIEW = "facegrid.review"
 SCOPE_INGEST_ADMIN = "facegrid.ingest.admin"
 SCOPE_INGEST_PUSH = "facegrid.ingest.push"
 SCOPE_INGEST_WATCH = "facegrid.ingest.watch"
@@ -45,6 +47,7 @@ ALL_SCOPES = (
     SCOPE_DELETE,
     SCOPE_ADMIN,
     SCOPE_AUDIT,
+    SCOPE_REVIEW,
     SCOPE_INGEST_ADMIN,
     SCOPE_INGEST_PUSH,
     SCOPE_INGEST_WATCH,

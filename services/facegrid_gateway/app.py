@@ -37,6 +37,7 @@ from facegrid.server import (
 from facegrid.v1 import common_pb2, face_service_pb2, face_service_pb2_grpc, resources_pb2
 from google.protobuf.message import Message
 
+from facegrid_gateway import reviews
 from facegrid_gateway.retention import TASK as FACE_RETENTION_TASK
 from facegrid_gateway.retention import FaceExpiry
 
@@ -643,6 +644,40 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
             threshold=threshold,
             model_version=probe.model_version,
         )
+
+    # ---------------------------------------------------------------- review
+
+    @guarded
+    async def CreateReviewDecision(  # noqa: N802
+        self, request: F.CreateReviewDecisionRequest, context: Context, audit: AuditDraft
+    ) -> F.CreateReviewDecisionResponse:
+        decision = request.review_decision
+        log = self.gatekeeper.audit_log
+        reviewed = await reviews.reviewed_record(
+            log, decision.reviewed_record, "review_decision.reviewed_record"
+        )
+        # On the record as the reviewed call was: its case and purpose, its collection.
+        audit.target(reviewed.name)
+        audit.context(reviewed.context)
+        audit.collection(reviewed.collection)
+        self.gatekeeper.check_purpose(audit, reviewed.context)
+        reviews.check_decision(decision, reviewed)
+        audit.review(decision)
+        return F.CreateReviewDecisionResponse()  # audit_record: set by the gatekeeper
+
+    @guarded
+    async def ListReviewDecisions(  # noqa: N802
+        self, request: F.ListReviewDecisionsRequest, context: Context, audit: AuditDraft
+    ) -> F.ListReviewDecisionsResponse:
+        size = paging.page_size(request.page_size)
+        log = self.gatekeeper.audit_log
+        reviewed = await reviews.reviewed_record(log, request.reviewed_record, "reviewed_record")
+        audit.target(reviewed.name)
+        audit.context(reviewed.context)
+        self.gatekeeper.check_purpose(audit, reviewed.context)
+        response = await reviews.decisions_of(log, reviewed, size, request.page_token)
+        audit.results((), count=len(response.audit_records))
+        return response
 
     # ---------------------------------------------------------------- audit
 

@@ -24,6 +24,7 @@ from grpc_helpers import error_info, error_reason, field_violations, jpeg_bytes,
 
 F = face_service_pb2
 Purpose = common_pb2.IdentificationContext.Purpose
+Outcome = F.ReviewDecision.Outcome
 Reason = F.UnindexedReason
 DEADLINE_S = 60.0
 PEOPLE = ("alex_lacamoire", "biden", "kit_harington", "obama", "rose_leslie")
@@ -1099,6 +1100,63 @@ def test_a_retried_search_is_recorded_once(
     )
     assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(bad) == {"request_id": "must be a UUID"}
+
+
+def test_an_examiners_decision_is_recorded_with_the_search_and_changes_no_face(
+    api: Client, faces: Path, gallery: dict[str, list[str]]
+) -> None:
+    """Review: a decision on a real search's top candidate is an audit record naming
+    the search; its retry (same request_id) is that record again; the face is as it was."""
+    case = f"CASE-{uuid.uuid4().hex[:8]}"
+    context = common_pb2.IdentificationContext(
+        purpose=Purpose.PURPOSE_CRIMINAL_INVESTIGATION, case_id=case, justification="review"
+    )
+    reply = api.SearchFacesByImage(
+        F.SearchFacesByImageRequest(
+            parent="collections/gallery",
+            image=photo(faces, "knn/test/obama1.jpg"),
+            context=context,
+        )
+    )
+    candidate = reply.face_matches[0].face.name
+    before = api.GetFace(F.GetFaceRequest(name=candidate)).face
+    request = F.CreateReviewDecisionRequest(
+        review_decision=F.ReviewDecision(
+            reviewed_record=reply.audit_record,
+            candidate=candidate,
+            outcome=Outcome.OUTCOME_POSSIBLE_MATCH,
+            reason="same ear shape; for the investigating officer",
+        ),
+        request_id=str(uuid.uuid4()),
+    )
+    decided = api.CreateReviewDecision(request)
+    assert api.CreateReviewDecision(request).audit_record == decided.audit_record
+    listed = api.ListReviewDecisions(
+        F.ListReviewDecisionsRequest(reviewed_record=reply.audit_record)
+    ).audit_records
+    assert [r.name for r in listed] == [decided.audit_record]
+    (record,) = listed
+    assert record.target == reply.audit_record
+    assert record.context.case_id == case
+    assert record.review_decision.candidate == candidate
+    assert record.review_decision.outcome == Outcome.OUTCOME_POSSIBLE_MATCH
+    assert api.GetFace(F.GetFaceRequest(name=candidate)).face == before
+    other = (
+        reply.face_matches[-1].face.name if len(reply.face_matches) > 1 else "collections/x/faces/y"
+    )
+    error = rpc_error(
+        lambda: api.CreateReviewDecision(
+            F.CreateReviewDecisionRequest(
+                review_decision=F.ReviewDecision(
+                    reviewed_record=decided.audit_record,  # a decision is not a search
+                    candidate=other,
+                    outcome=Outcome.OUTCOME_NOT_A_MATCH,
+                    reason="no",
+                )
+            )
+        )
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_audit_records_every_accountable_call(

@@ -170,9 +170,9 @@ def test_a_purpose_the_caller_may_not_use_is_refused_also_inside_a_stream_proces
         common_pb2.IdentificationContext.PURPOSE_WATCHLIST_MONITORING
     )
     with pytest.raises(ServiceError) as refused:
-        gatekeeper._check_purpose(draft, _identification_context(watch))
+        gatekeeper.check_purpose(draft, _identification_context(watch))
     assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
     watch.stream_processor.context.purpose = common_pb2.IdentificationContext.PURPOSE_MISSING_PERSON
-    gatekeeper._check_purpose(draft, _identification_context(watch))  # allowed
+    gatekeeper.check_purpose(draft, _identification_context(watch))  # allowed
     assert _identification_context(face_service_pb2.GetCollectionRequest()) is None
     log.close()

@@ -16,7 +16,8 @@ from typing import Any
 import grpc
 import pytest
 from facegrid import methods
-from facegrid.auth import bearer_metadata
+from facegrid.accountability import Gatekeeper
+from facegrid.auth import ALL_SCOPES, bearer_metadata, create_token
 from facegrid.identification.faces import FacePipeline
 from facegrid.identification.policy import QualityPolicy
 from facegrid.internal.v1 import detection_pb2, embedding_pb2, search_pb2
@@ -46,6 +47,7 @@ class Gateway:
     address: str
     fakes: Fakes
     setup: PublicSetup
+    gatekeeper: Gatekeeper
 
     @property
     def tokens(self) -> dict[str, str]:
@@ -63,7 +65,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     thread = ServerThread()
     try:
         with serving(thread, lambda: build_server(setup.settings, servicer, port=0)) as address:
-            yield Gateway(address, fakes, setup)
+            yield Gateway(address, fakes, setup, gatekeeper)
     finally:
         gatekeeper.audit_log.close()
         thread.close()
@@ -214,3 +216,154 @@ def test_every_method_needs_its_scope_and_a_refusal_is_audited(
         record = last_record(gateway, api, facts.name)
         assert record.principal == f"without-{facts.required_scope}"
         assert record.status_code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+
+
+# ---------------------------------------------------------------- review decisions
+
+Outcome = F.ReviewDecision.Outcome
+
+
+def reviewed_search(gateway: Gateway, api: Any) -> tuple[str, str]:
+    """A successful search: its audit record and its first candidate."""
+    reply = call(gateway, api.SearchFacesByImage, search())
+    assert reply.audit_record
+    return reply.audit_record, reply.face_matches[0].face.name
+
+
+def decide(record: str, candidate: str, outcome: Any, reason: str = "ears differ") -> Any:
+    return F.CreateReviewDecisionRequest(
+        review_decision=F.ReviewDecision(
+            reviewed_record=record, candidate=candidate, outcome=outcome, reason=reason
+        )
+    )
+
+
+def test_a_decision_is_an_audit_record_linked_to_the_search(gateway: Gateway, api: Any) -> None:
+    record, candidate = reviewed_search(gateway, api)
+    faces_before = len(gateway.fakes.requests)
+    first = call(
+        gateway, api.CreateReviewDecision, decide(record, candidate, Outcome.OUTCOME_NOT_A_MATCH)
+    )
+    later = call(
+        gateway,
+        api.CreateReviewDecision,
+        decide(record, candidate, Outcome.OUTCOME_POSSIBLE_MATCH, "same scar, left brow"),
+    )
+    # Nothing reached the services behind the gateway: no stored face was touched.
+    assert len(gateway.fakes.requests) == faces_before
+    decision = call(gateway, api.GetAuditRecord, F.GetAuditRecordRequest(name=first.audit_record))
+    stored = decision.audit_record
+    assert stored.method == "/facegrid.v1.FaceService/CreateReviewDecision"
+    assert stored.target == record
+    assert stored.context.case_id == CONTEXT.case_id
+    assert stored.principal == "examiner"
+    assert stored.review_decision.outcome == Outcome.OUTCOME_NOT_A_MATCH
+    assert stored.review_decision.reason == "ears differ"
+    listed = call(
+        gateway, api.ListReviewDecisions, F.ListReviewDecisionsRequest(reviewed_record=record)
+    )
+    assert [r.name for r in listed.audit_records] == [first.audit_record, later.audit_record]
+    assert [r.review_decision.outcome for r in listed.audit_records] == [
+        Outcome.OUTCOME_NOT_A_MATCH,
+        Outcome.OUTCOME_POSSIBLE_MATCH,
+    ]
+    assert not listed.next_page_token
+
+
+def test_decisions_are_listed_per_search_and_page_by_page(gateway: Gateway, api: Any) -> None:
+    record, candidate = reviewed_search(gateway, api)
+    other, other_candidate = reviewed_search(gateway, api)
+    made = [
+        call(
+            gateway,
+            api.CreateReviewDecision,
+            decide(record, candidate, Outcome.OUTCOME_INCONCLUSIVE, f"r{i}"),
+        ).audit_record
+        for i in range(3)
+    ]
+    call(
+        gateway,
+        api.CreateReviewDecision,
+        decide(other, other_candidate, Outcome.OUTCOME_NOT_A_MATCH),
+    )
+    seen, token = [], ""
+    while True:
+        page = call(
+            gateway,
+            api.ListReviewDecisions,
+            F.ListReviewDecisionsRequest(reviewed_record=record, page_size=2, page_token=token),
+        )
+        seen += [r.name for r in page.audit_records]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == made
+
+
+def test_a_decision_must_name_a_candidate_an_outcome_and_a_reason(
+    gateway: Gateway, api: Any
+) -> None:
+    record, _ = reviewed_search(gateway, api)
+    error = refused(
+        gateway,
+        api.CreateReviewDecision,
+        decide(record, "collections/gallery/faces/other", Outcome.OUTCOME_UNSPECIFIED, " "),
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(error) == "REVIEW_DECISION_INVALID"
+    refusal = last_record(gateway, api, "CreateReviewDecision")
+    assert refusal.status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert refusal.target == record  # a refused decision is on record too
+    assert not refusal.HasField("review_decision")
+    listed = call(
+        gateway, api.ListReviewDecisions, F.ListReviewDecisionsRequest(reviewed_record=record)
+    )
+    assert not listed.audit_records
+
+
+def test_only_a_successful_identification_can_be_reviewed(gateway: Gateway, api: Any) -> None:
+    missing = refused(
+        gateway,
+        api.CreateReviewDecision,
+        decide("auditRecords/no-such-record", "x", Outcome.OUTCOME_NOT_A_MATCH),
+    )
+    assert missing.code() == grpc.StatusCode.NOT_FOUND
+    record, _ = reviewed_search(gateway, api)
+    call(gateway, api.GetAuditRecord, F.GetAuditRecordRequest(name=record))
+    not_identification = last_record(gateway, api, "GetAuditRecord").name
+    error = refused(
+        gateway,
+        api.CreateReviewDecision,
+        decide(not_identification, "x", Outcome.OUTCOME_NOT_A_MATCH),
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    failed_search = refused(gateway, api.SearchFacesByImage, search(face_match_threshold=101.0))
+    assert failed_search.code() == grpc.StatusCode.INVALID_ARGUMENT
+    failed = last_record(gateway, api, "SearchFacesByImage").name
+    error = refused(
+        gateway, api.ListReviewDecisions, F.ListReviewDecisionsRequest(reviewed_record=failed)
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_caller_limited_to_other_purposes_cannot_review(gateway: Gateway, api: Any) -> None:
+    record, candidate = reviewed_search(gateway, api)  # for a criminal investigation
+    credentials = gateway.setup.settings.gateway.credentials_file
+    token = create_token(credentials, "trainee", ALL_SCOPES, purposes=["PURPOSE_TESTING"])
+    gateway.setup.tokens["trainee"] = token
+    gateway.gatekeeper.authenticator.reload()
+    error = refused(
+        gateway,
+        api.CreateReviewDecision,
+        decide(record, candidate, Outcome.OUTCOME_NOT_A_MATCH),
+        token="trainee",
+    )
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_reason(error) == "PURPOSE_NOT_ALLOWED"
+    error = refused(
+        gateway,
+        api.ListReviewDecisions,
+        F.ListReviewDecisionsRequest(reviewed_record=record),
+        token="trainee",
+    )
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -52,6 +52,8 @@ SCOPES = {
     "GetAuditRecord": "facegrid.audit",
     "ListAuditRecords": "facegrid.audit",
     "GetAuditCheckpoint": "facegrid.audit",
+    "CreateReviewDecision": "facegrid.review",
+    "ListReviewDecisions": "facegrid.review",
     "CreateStreamProcessor": "facegrid.ingest.admin",
     "GetStreamProcessor": "facegrid.ingest.admin",
     "ListStreamProcessors": "facegrid.ingest.admin",
