@@ -12,8 +12,6 @@ SIGTERM and expects a clean exit within the drain and grace periods.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,30 +22,9 @@ import trustme
 from facegrid_harness.processes import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-IMAGE = os.environ.get("FACEGRID_IMAGE", "localhost/facegrid:0.1.0")
-PODMAN = os.environ.get("PODMAN", "podman")
-# This machine's cgroup set-up needs runc and lowered ulimits (README, "Container image").
-RUN_FLAGS = os.environ.get(
-    "PODMAN_RUN_FLAGS", "--runtime runc --ulimit nofile=1024:1024 --ulimit nproc=4096:4096"
-).split()
+from tests.image.conftest import RUN_FLAGS, container_logs, podman
+
 HEALTH_DEADLINE_S = 90.0
-
-
-def _podman(
-    *args: str, check: bool = True, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PODMAN, *args], capture_output=True, text=True, check=check, timeout=timeout
-    )
-
-
-@pytest.fixture(scope="module")
-def image() -> str:
-    if shutil.which(PODMAN) is None:
-        pytest.fail(f"{PODMAN} is not installed (apt-get install podman buildah runc)")
-    if _podman("image", "exists", IMAGE, check=False).returncode != 0:
-        pytest.fail(f"no image {IMAGE}: build it with `make image`")
-    return IMAGE
 
 
 @pytest.fixture
@@ -81,7 +58,7 @@ def search_container(image: str, tls_folder: Path) -> Iterator[tuple[str, int]]:
         "FACEGRID_STORE__URI": "/tmp/facegrid.db",
         "GRPC_VERBOSITY": "ERROR",
     }
-    _podman(
+    podman(
         "run", "--detach", "--name", name, *RUN_FLAGS,
         "--user", "10001:10001", "--read-only", "--tmpfs", "/tmp",
         "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
@@ -93,7 +70,7 @@ def search_container(image: str, tls_folder: Path) -> Iterator[tuple[str, int]]:
     try:
         yield name, health_port
     finally:
-        _podman("rm", "--force", "--time", "0", name, check=False)
+        podman("rm", "--force", "--time", "0", name, check=False)
 
 
 def _health_status(port: int) -> int | None:
@@ -115,14 +92,14 @@ def test_the_image_serves_health_and_stops_cleanly(search_container: tuple[str, 
         status = _health_status(port)
         if status == health_pb2.HealthCheckResponse.SERVING:
             break
-        if _podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip() != "true":
+        if podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip() != "true":
             break
         time.sleep(1)
-    logs = _podman("logs", name).stderr
+    logs = container_logs(name)
     assert status == health_pb2.HealthCheckResponse.SERVING, logs[-4000:]
 
-    _podman("stop", "--time", "30", name)
-    exit_code = _podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
-    logs = _podman("logs", name).stderr
+    podman("stop", "--time", "30", name)
+    exit_code = podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+    logs = container_logs(name)
     assert exit_code == "0", logs[-4000:]
     assert "Traceback" not in logs, logs[-4000:]
