@@ -17,10 +17,9 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from facegrid import audit_checkpoint, field_masks, limits, names, paging, validation
 from facegrid.accountability import AuditDraft, Gatekeeper, guarded
-from facegrid.audit_log import NAME_PREFIX, open_audit_log
+from facegrid.audit_log import open_audit_log
 from facegrid.authenticator import Authenticator
 from facegrid.config import Settings
-from facegrid.errors import invalid_argument, not_found
 from facegrid.identification.deadline import Deadline
 from facegrid.identification.downstream import Downstream
 from facegrid.identification.faces import FacePipeline, cosines, without_chip
@@ -37,7 +36,7 @@ from facegrid.server import (
 from facegrid.v1 import common_pb2, face_service_pb2, face_service_pb2_grpc, resources_pb2
 from google.protobuf.message import Message
 
-from facegrid_gateway import reviews
+from facegrid_gateway import audit_records, reviews
 from facegrid_gateway.retention import TASK as FACE_RETENTION_TASK
 from facegrid_gateway.retention import FaceExpiry
 
@@ -686,12 +685,7 @@ class FaceServicer(face_service_pb2_grpc.FaceServiceServicer):  # type: ignore[m
         self, request: F.GetAuditRecordRequest, context: Context, audit: AuditDraft
     ) -> F.GetAuditRecordResponse:
         audit.target(request.name)
-        record_id = request.name.removeprefix(NAME_PREFIX)
-        if not request.name.startswith(NAME_PREFIX) or not record_id:
-            raise invalid_argument("name", "must be auditRecords/{audit_record}")
-        record = await self.gatekeeper.audit_log.get(record_id)
-        if record is None:
-            raise not_found("facegrid.v1.AuditRecord", request.name)
+        record = await audit_records.record_named(self.gatekeeper.audit_log, request.name, "name")
         return F.GetAuditRecordResponse(audit_record=record)
 
     @guarded

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import grpc
 from facegrid import paging
-from facegrid.audit_log import NAME_PREFIX, AuditLog
-from facegrid.errors import failed_precondition, invalid_arguments, not_found
+from facegrid.audit_log import AuditLog
+from facegrid.errors import failed_precondition, invalid_arguments
 from facegrid.v1 import face_service_pb2
+
+from facegrid_gateway import audit_records
 
 F = face_service_pb2
 Outcome = F.ReviewDecision.Outcome
@@ -34,12 +36,7 @@ _OK = grpc.StatusCode.OK.value[0]
 
 async def reviewed_record(log: AuditLog, name: str, field: str) -> F.AuditRecord:
     """The identification call's audit record that ``name`` names."""
-    record_id = name.removeprefix(NAME_PREFIX)
-    if not name.startswith(NAME_PREFIX) or not record_id or "/" in record_id:
-        raise invalid_arguments([(field, "must be auditRecords/{audit_record}")])
-    record = await log.get(record_id)
-    if record is None:
-        raise not_found("facegrid.v1.AuditRecord", name)
+    record = await audit_records.record_named(log, name, field)
     if record.method not in IDENTIFICATIONS or record.status_code != _OK:
         raise failed_precondition(
             "NOT_AN_IDENTIFICATION",
