@@ -48,7 +48,7 @@ def findings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[tuple[st
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false"},
+        env={**os.environ, "BC_SKIP_MAPPING": "TRUE"},
     )  # fmt: skip
     assert result.returncode in (0, 1), result.stderr[-4000:]  # 1: some check failed
     report = json.loads(result.stdout)
