@@ -102,9 +102,8 @@ Client = TypeVar("Client", bound="ServiceClient")
 class ServiceClient:
     """Calls of one gRPC service with the caller's token and a deadline on every one;
     the channel (:func:`open_channel`) retries the idempotent ones. Subclasses name
-    their service, stub class and methods."""
+    their stub class and methods."""
 
-    service_name: str  # e.g. facegrid.v1.FaceService
     stub_class: Callable[[grpc.Channel], Any]
 
     def __init__(self, stub: Any, token: str, deadline_s: float = DEFAULT_DEADLINE_S) -> None:
@@ -138,7 +137,6 @@ class FaceClient(ServiceClient):
     indexes a photo once.
     """
 
-    service_name = "facegrid.v1.FaceService"
     stub_class = face_service_pb2_grpc.FaceServiceStub
 
     # -- detection and comparison ------------------------------------------------

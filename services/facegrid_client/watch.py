@@ -120,7 +120,6 @@ class IngestClient(ServiceClient):
     exponential backoff); CreateStreamProcessor and DeleteStreamProcessor are not.
     """
 
-    service_name = "facegrid.v1.IngestService"
     stub_class = ingest_pb2_grpc.IngestServiceStub
 
     def create(self, request: I.CreateStreamProcessorRequest) -> SP:
