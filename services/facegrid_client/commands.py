@@ -21,6 +21,7 @@ import grpc
 from facegrid import audit_checkpoint, limits, validation
 from facegrid.audit_chain import verify_chain
 from facegrid.auth import read_token
+from facegrid.rpc_errors import describe_rpc_error, status_code
 from facegrid.v1 import common_pb2, resources_pb2
 from facegrid.v1 import face_service_pb2 as fs
 from google.protobuf import field_mask_pb2
@@ -33,8 +34,6 @@ from facegrid_client.connection import (
     ClientError,
     FaceClient,
     default_address,
-    describe_rpc_error,
-    status_code,
 )
 from facegrid_client.manifest import (
     COLLECTION_ID_PATTERN,

@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 import grpc
+from facegrid.rpc_errors import short_rpc_error, status_code
 from facegrid.v1 import common_pb2, resources_pb2
 from facegrid.v1 import face_service_pb2 as fs
 from google.protobuf import json_format, struct_pb2
@@ -35,8 +36,6 @@ from facegrid_client.connection import (
     DEFAULT_DEADLINE_S,
     ClientError,
     FaceClient,
-    short_rpc_error,
-    status_code,
 )
 from facegrid_client.manifest import (
     SUBJECT_ID_PATTERN,

@@ -35,6 +35,7 @@ from urllib.parse import unquote, urlsplit
 import grpc
 from facegrid import limits, names
 from facegrid.auth import read_token
+from facegrid.rpc_errors import describe_rpc_error, status_code
 from facegrid.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 from google.protobuf import field_mask_pb2, json_format, timestamp_pb2
 from google.protobuf.message import Message
@@ -53,8 +54,6 @@ from facegrid_client.commands import (
 from facegrid_client.connection import (
     ClientError,
     ServiceClient,
-    describe_rpc_error,
-    status_code,
 )
 
 I = ingest_pb2  # noqa: E741

@@ -14,9 +14,10 @@ from typing import Any
 import grpc
 import pytest
 from facegrid.audit_chain import record_digest, verify_chain
+from facegrid.rpc_errors import describe_rpc_error
 from facegrid.v1 import common_pb2, resources_pb2
 from facegrid.v1 import face_service_pb2 as fs
-from facegrid_client.connection import FaceClient, describe_rpc_error
+from facegrid_client.connection import FaceClient
 from facegrid_client.manifest import ManifestError, load_manifest, parse_manifest
 from facegrid_client.photos import PhotoError, resolve_photo, safe_external_id
 from facegrid_client.seeding import (
