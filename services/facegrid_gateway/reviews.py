@@ -23,10 +23,22 @@ Outcome = F.ReviewDecision.Outcome
 
 SERVICE = "/facegrid.v1.FaceService/"
 CREATE_REVIEW_DECISION = SERVICE + "CreateReviewDecision"
-# The calls whose candidates an examiner reviews: those that return candidates.
+# The records whose candidates an examiner reviews: the calls that return candidates,
+# and the match events of stream processors (written by ingest to the same log).
+MATCH_EVENT = "/facegrid.v1.IngestService/MatchEvent"
 IDENTIFICATIONS = frozenset(
-    SERVICE + name
-    for name in ("CompareFaces", "SearchFaces", "SearchFacesByImage", "SearchSubjectsByImage")
+    [
+        *(
+            SERVICE + name
+            for name in (
+                "CompareFaces",
+                "SearchFaces",
+                "SearchFacesByImage",
+                "SearchSubjectsByImage",
+            )
+        ),
+        MATCH_EVENT,
+    ]
 )
 MAX_REASON = 2000
 # Records of the case read at once while looking for one call's decisions.
@@ -42,7 +54,8 @@ async def reviewed_record(log: AuditLog, name: str, field: str) -> F.AuditRecord
             "NOT_AN_IDENTIFICATION",
             name,
             f"{name} is not the record of a successful identification call "
-            "(CompareFaces, SearchFaces, SearchFacesByImage or SearchSubjectsByImage)",
+            "(CompareFaces, SearchFaces, SearchFacesByImage or SearchSubjectsByImage) "
+            "or of a match event",
         )
     return record
 
@@ -93,6 +106,10 @@ async def decisions_of(
             if len(found) == page_size:
                 more = page.more or index < len(page.records) - 1
                 token = paging.encode_page_token(str(after), fingerprint) if more else ""
-                return F.ListReviewDecisionsResponse(audit_records=found, next_page_token=token)
+                return F.ListReviewDecisionsResponse(
+                    audit_records=found, next_page_token=token, reviewed_audit_record=reviewed
+                )
         if not page.more:
-            return F.ListReviewDecisionsResponse(audit_records=found)
+            return F.ListReviewDecisionsResponse(
+                audit_records=found, reviewed_audit_record=reviewed
+            )

@@ -48,6 +48,7 @@ class Gateway:
     fakes: Fakes
     setup: PublicSetup
     gatekeeper: Gatekeeper
+    thread: ServerThread  # the server's event loop (what ingest would write, written there)
 
     @property
     def tokens(self) -> dict[str, str]:
@@ -65,7 +66,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     thread = ServerThread()
     try:
         with serving(thread, lambda: build_server(setup.settings, servicer, port=0)) as address:
-            yield Gateway(address, fakes, setup, gatekeeper)
+            yield Gateway(address, fakes, setup, gatekeeper, thread)
     finally:
         gatekeeper.audit_log.close()
         thread.close()
@@ -344,6 +345,44 @@ def test_only_a_successful_identification_can_be_reviewed(gateway: Gateway, api:
         gateway, api.ListReviewDecisions, F.ListReviewDecisionsRequest(reviewed_record=failed)
     )
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_match_event_is_reviewed_like_a_search(gateway: Gateway, api: Any) -> None:
+    """Ingest writes each match event's audit record to the same log; its candidates are
+    decided on as a search's are, and listing the decisions returns the event's record."""
+    event = F.AuditRecord(
+        principal="camera-operator",
+        method="/facegrid.v1.IngestService/MatchEvent",
+        context=common_pb2.IdentificationContext(
+            purpose=common_pb2.IdentificationContext.PURPOSE_WATCHLIST_MONITORING,
+            case_id="CASE-WATCH",
+        ),
+        collection=COLLECTION,
+        target="streamProcessors/gate/matchEvents/e-1",
+        result_resources=[f"{COLLECTION}/faces/f-1"],
+        result_similarities=[93.0],
+        result_false_match_rates=[1e-6],
+    )
+    event.create_time.GetCurrentTime()
+    stored = gateway.thread.run(gateway.gatekeeper.audit_log.append(event))
+    decided = call(
+        gateway,
+        api.CreateReviewDecision,
+        decide(stored.name, f"{COLLECTION}/faces/f-1", Outcome.OUTCOME_INCONCLUSIVE, "blurred"),
+    )
+    listed = call(
+        gateway, api.ListReviewDecisions, F.ListReviewDecisionsRequest(reviewed_record=stored.name)
+    )
+    assert [r.name for r in listed.audit_records] == [decided.audit_record]
+    assert listed.reviewed_audit_record.name == stored.name
+    assert list(listed.reviewed_audit_record.result_similarities) == [93.0]
+    assert listed.audit_records[0].context.case_id == "CASE-WATCH"
+    error = refused(
+        gateway,
+        api.CreateReviewDecision,
+        decide(stored.name, f"{COLLECTION}/faces/other", Outcome.OUTCOME_NOT_A_MATCH),
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_a_caller_limited_to_other_purposes_cannot_review(gateway: Gateway, api: Any) -> None:
