@@ -24,7 +24,7 @@ all: venv protos models
 $(BIN)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check pip==25.3
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[client,eval,models,harness,dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[client,console,eval,models,harness,dev]'
 	touch $@
 
 # Side environments, one per requirements/<name>.txt, installed without resolving
@@ -119,6 +119,10 @@ system-packages:
 	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get install -y -q postgresql >/dev/null 2>&1 && echo "installed postgresql"; } || \
 	echo "PostgreSQL is missing: the PostgreSQL audit-log tests will skip (apt-get install postgresql)"
+	@command -v chromium >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get install -y -q chromium >/dev/null 2>&1 && echo "installed chromium"; } || \
+	echo "chromium is missing: the console's browser tests will skip (apt-get install chromium)"
 
 test: venv triton-venv milvus-venv protos models system-packages k8s-tools lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -155,7 +159,7 @@ image-base: $(IMAGE_DIR)/base.id
 wheels: venv protos
 	rm -rf $(IMAGE_DIR)/wheels
 	$(BIN)/pip wheel --quiet --disable-pip-version-check -c requirements/constraints.txt \
-		--wheel-dir $(IMAGE_DIR)/wheels '.[models]'
+		--wheel-dir $(IMAGE_DIR)/wheels '.[models,console]'
 
 image: image-base wheels
 	$(PODMAN) build $(PODMAN_FLAGS) -f k8s/image/Containerfile --build-arg BASE=$(IMAGE_BASE) \

@@ -451,6 +451,45 @@ class IngestSettings(Section):
     )
 
 
+class ConsoleSettings(Section):
+    port: int = Field(
+        8080, ge=0, le=65535, description="HTTP(S) port of the examiner console (web pages)."
+    )
+    metrics_port: int = Field(
+        9155, ge=0, le=65535, description="HTTP port of its Prometheus /metrics (0: off)."
+    )
+    gateway_address: str = Field(
+        "127.0.0.1:50050", description="host:port of the gateway the console calls."
+    )
+    ingest_address: str = Field(
+        "127.0.0.1:50054", description="host:port of the ingest service the console calls."
+    )
+    tls_server_name: str = Field(
+        "",
+        description="The name the gateway's and ingest's certificate is checked for, when "
+        "the console calls them by another (in-cluster) name; empty: the address's host.",
+    )
+    call_timeout_s: float = Field(
+        60.0, gt=0, description="Deadline of one call of the console to the gateway or ingest."
+    )
+    session_key_file: Path = Field(
+        Path("var/console-session.key"),
+        description="Key that encrypts and signs sign-in cookies (created if missing, "
+        "mode 0600); every replica behind one address must read the same file.",
+    )
+    session_ttl_s: float = Field(
+        8 * 3600.0,
+        gt=0,
+        description="How long a sign-in lasts; the person then signs in again.",
+    )
+    max_upload_bytes: int = Field(
+        16 * 1024 * 1024, gt=0, description="Largest photo a page accepts (then 413)."
+    )
+    max_event_streams: int = Field(
+        64, gt=0, description="Live alert views open at once; more are refused (503)."
+    )
+
+
 class ServerSettings(Section):
     host: str = Field("127.0.0.1", description="Address the gRPC servers bind to.")
     health_port: int = Field(
@@ -605,6 +644,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     gateway: GatewaySettings = GatewaySettings()
     ingest: IngestSettings = IngestSettings()
+    console: ConsoleSettings = ConsoleSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -18,6 +18,7 @@ SERVICES = {
     "search": "facegrid_search.app",
     "gateway": "facegrid_gateway.app",
     "ingest": "facegrid_ingest.app",
+    "console": "facegrid_console.app",
 }
 
 

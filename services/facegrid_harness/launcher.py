@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from facegrid_harness.nats_server import NatsServer
 
 # Order of `facegrid up`: dependencies first.
-UP_ORDER = ("detection", "embedding", "search", "gateway", "ingest")
+UP_ORDER = ("detection", "embedding", "search", "gateway", "ingest", "console")
 # The services behind the gateway's FaceService (ingest needs NATS besides).
 FACE_SERVICES = ("detection", "embedding", "search", "gateway")
 # The setting (of the gateway and of ingest) that names each service they call.
@@ -34,6 +34,8 @@ CALLED_SERVICES = {
     "embedding": "embedding_address",
     "search": "search_address",
 }
+# The services the console calls, and its setting for each.
+CONSOLE_CALLS = {"gateway": "gateway_address", "ingest": "ingest_address"}
 HEALTH_TIMEOUT_S = 120.0
 
 
@@ -76,6 +78,38 @@ def wait_healthy(
                 pass
             time.sleep(0.1)
     raise TimeoutError(f"service at {address} not healthy after {timeout_s:.0f}s")
+
+
+def console_url(settings: Settings, address: str) -> str:
+    """The console's base URL at ``address``: https when it serves TLS."""
+    scheme = "https" if settings.tls.cert_file and settings.tls.key_file else "http"
+    return f"{scheme}://{address}"
+
+
+def wait_http_healthy(
+    url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Block until ``url``/healthz answers 200 (certificates are not checked: this
+    only asks whether the server is up)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"service at {url} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=1.0, context=context) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"service at {url} not healthy after {timeout_s:.0f}s")
 
 
 @dataclass
@@ -148,6 +182,13 @@ class ServiceGroup:
                 for dependency, setting in CALLED_SERVICES.items()
                 if self._target(dependency) and f"{name}.{setting}" not in given
             ]
+        if name == "console":
+            given = {item.split("=", 1)[0] for item in extra}
+            overrides += [
+                f"console.{setting}={self._target(dependency)}"
+                for dependency, setting in CONSOLE_CALLS.items()
+                if self._target(dependency) and f"console.{setting}" not in given
+            ]
         command = serve_command(name, port, overrides)
         output = None
         if self.log_dir is not None:
@@ -168,6 +209,10 @@ class ServiceGroup:
         address = f"{host or self.settings.server.host}:{port}"
         service = RunningService(key, name, address, metrics_port, process, own)
         self.services[key] = service
+        if name == "console":  # a web server: its /healthz, over HTTPS with tls.cert_file
+            url = console_url(self.settings, service.address)
+            wait_http_healthy(url, HEALTH_TIMEOUT_S, process)
+            return service
         # Over TLS when the configuration calls its services so (tls.ca_file).
         credentials = tls.channel_credentials(self.settings.tls)
         wait_healthy(service.address, HEALTH_TIMEOUT_S, process, credentials)
@@ -255,7 +300,8 @@ def up(overrides: list[str], after_start: Callable[[dict[str, str]], None] | Non
             print(f"  {'nats':10} healthy on {nats.host}:{nats.port} (JetStream)", flush=True)
         for name in UP_ORDER:
             service = group.start(name)
-            print(f"  {name:10} healthy on {service.address}", flush=True)
+            where = console_url(group.settings, service.address) if name == "console" else ""
+            print(f"  {name:10} healthy on {where or service.address}", flush=True)
         if after_start is not None:
             after_start({name: service.address for name, service in group.services.items()})
         print("facegrid is up. Press Ctrl-C to stop.", flush=True)

@@ -6,12 +6,15 @@ a restart, and plaintext is refused anywhere but on a loopback address."""
 from __future__ import annotations
 
 import asyncio
+import http.client
+import re
 import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -323,6 +326,59 @@ def test_every_hop_of_a_search_is_tls(pki: Pki, tls_stack: Stack) -> None:
     for credentials in (None, caller):
         error = rpc_error(lambda c=credentials: _list_collections(search, c))  # type: ignore[misc]
         assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _plaintext_get(host: str, port: int, path: str) -> int:
+    plain = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        plain.request("GET", path)
+        return plain.getresponse().status
+    finally:
+        plain.close()
+
+
+def test_the_console_serves_https_and_calls_the_gateway_over_tls(
+    pki: Pki, tls_stack: Stack, tmp_path: Path
+) -> None:
+    """The console with the gateway's TLS settings: HTTPS to browsers (a Secure session
+    cookie, HSTS), TLS to the gateway, whose acceptance of the token is what signs in."""
+    console = tls_stack.group.start(
+        "console",
+        port=0,
+        extra=["tls.client_ca_file=", f"console.session_key_file={tmp_path / 'session.key'}"],
+    )
+    try:
+        context = ssl.create_default_context(cafile=str(pki.ca_file))
+        host, port = console.address.rsplit(":", 1)
+        connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+        connection.request("GET", "/sign-in")
+        page = connection.getresponse()
+        html = page.read().decode()
+        assert page.status == 200
+        assert page.getheader("strict-transport-security")
+        nonce = page.getheader("set-cookie", "").split(";", 1)[0]
+        assert "; secure" in page.getheader("set-cookie", "").lower()
+        csrf = re.search(r'name="csrf" value="([^"]+)"', html)
+        assert csrf is not None
+        form = urllib.parse.urlencode({"csrf": csrf.group(1), "token": tls_stack.token})
+        connection.request(
+            "POST",
+            "/sign-in",
+            body=form,
+            headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": nonce},
+        )
+        signed = connection.getresponse()
+        signed.read()
+        connection.close()
+        assert signed.status == 303, signed.status  # the gateway, over TLS, accepted it
+        session = [v for k, v in signed.getheaders() if k.lower() == "set-cookie"]
+        assert any(v.startswith("facegrid_session=") and "Secure" in v for v in session)
+        with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+            _plaintext_get(host, int(port), "/sign-in")
+    finally:
+        tls_stack.group.services.pop(console.name)
+        console.process.terminate()
+        assert console.process.wait(timeout=30) == 0
 
 
 # ---------------------------------------------------------------- NATS

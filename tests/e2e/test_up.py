@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -16,7 +17,7 @@ from facegrid_harness.processes import free_ports
 from grpc_helpers import png_bytes
 from skimage import data
 
-SERVICES = ("detection", "embedding", "search", "gateway", "ingest")
+SERVICES = ("detection", "embedding", "search", "gateway", "ingest", "console")
 
 
 def test_up_starts_seeds_and_stops_everything(model_repo: Path, tmp_path: Path) -> None:
@@ -53,7 +54,8 @@ def test_up_starts_seeds_and_stops_everything(model_repo: Path, tmp_path: Path) 
         output = "".join(lines)
         assert "facegrid is up" in output, output
         for name, port in ports.items():
-            assert f"{name:10} healthy on 127.0.0.1:{port}" in output
+            scheme = "http://" if name == "console" else ""  # the console's pages
+            assert f"{name:10} healthy on {scheme}127.0.0.1:{port}" in output
         assert f"{'nats':10} healthy on 127.0.0.1:{nats_port}" in output
         assert "seeded" in output
 
@@ -75,6 +77,10 @@ def test_up_starts_seeds_and_stops_everything(model_repo: Path, tmp_path: Path) 
                 metadata=bearer_metadata(token),
             )
         assert [m.subject.subject_id for m in reply.subject_matches] == ["eileen-collins"]
+        # The console answers, and its session key was made beside the other secrets.
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['console']}/sign-in") as page:
+            assert "Access token" in page.read().decode()
+        assert (tmp_path / "var" / "console-session.key").stat().st_mode & 0o077 == 0
     finally:
         up.send_signal(signal.SIGINT)  # Ctrl-C
         rest, _ = up.communicate(timeout=60)

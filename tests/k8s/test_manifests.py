@@ -19,11 +19,12 @@ from tests.k8s.rendering import (
     workloads,
 )
 
-SERVICES = ("gateway", "detection", "embedding", "search", "ingest")
-AUTOSCALED = ("gateway", "detection", "embedding", "ingest")
+SERVICES = ("gateway", "detection", "embedding", "search", "ingest")  # gRPC
+WEB_SERVICES = ("console",)  # HTTPS, probed on /healthz
+AUTOSCALED = ("gateway", "detection", "embedding", "ingest", "console")
 # Secrets made by hand (README); everything else mounted comes from cert-manager in
 # production.
-HAND_MADE_SECRETS = {"facegrid-credentials", "facegrid-audit"}
+HAND_MADE_SECRETS = {"facegrid-credentials", "facegrid-audit", "facegrid-console-session"}
 IMAGE = re.compile(r"^[\w./-]+(:(?!latest$)[\w.-]+|@sha256:[0-9a-f]{64})$")
 
 
@@ -37,7 +38,11 @@ def ids(workload: Workload) -> str:
 
 @pytest.mark.parametrize("target", OVERLAYS)
 def test_every_part_of_the_system_is_deployed(target: str) -> None:
-    assert {workload.name for workload in workloads(target)} == {*SERVICES, "triton"}
+    assert {workload.name for workload in workloads(target)} == {
+        *SERVICES,
+        *WEB_SERVICES,
+        "triton",
+    }
     assert {
         doc["metadata"]["namespace"] for doc in rendered(target) if doc["kind"] != "Namespace"
     } == {"facegrid"}
@@ -81,8 +86,15 @@ def test_every_container_has_startup_readiness_and_liveness_probes(workload: Wor
             if workload.name in SERVICES:
                 # Native gRPC probes on the plaintext health port (grpc.health.v1).
                 assert container[probe]["grpc"] == {"port": health_port}, probe
+            if workload.name in WEB_SERVICES:
+                # Its own HTTPS port: /healthz answers 503 while it drains.
+                assert container[probe]["httpGet"] == {
+                    "path": "/healthz",
+                    "port": "https",
+                    "scheme": "HTTPS",
+                }, probe
         ports = workload.container_ports()
-        assert health_port in ports or workload.name == "triton"
+        assert health_port in ports or workload.name in ("triton", *WEB_SERVICES)
 
 
 @pytest.mark.parametrize("workload", all_workloads(), ids=ids)
@@ -92,7 +104,7 @@ def test_termination_grace_covers_the_services_drain(workload: Workload) -> None
         config["FACEGRID_SERVER__GRACE_PERIOD_S"]
     )
     grace = workload.pod["terminationGracePeriodSeconds"]
-    if workload.name in SERVICES:
+    if workload.name in (*SERVICES, *WEB_SERVICES):
         assert grace >= drain + 5
     else:  # Triton: --exit-timeout-secs, then kubelet's SIGKILL
         timeout = next(arg for arg in workload.containers[0]["args"] if "exit-timeout" in arg)

@@ -1,0 +1,207 @@
+"""The console's own policy, in process: sealed sessions, CSRF, upload limits, where a
+sign-in may send the browser back to, and the headers on every page. The console is
+served by uvicorn on a free port; its gateway address leads nowhere (no call succeeds),
+which is enough here: the real system is behind it in tests/e2e/test_console.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.client
+import json
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+from facegrid.config import load_settings
+from facegrid_console.app import SecurityHeaders, _local_path, build_app
+from facegrid_console.backend import Backend
+from facegrid_console.sessions import COOKIE, Session, SessionCodec, token_label
+from facegrid_console.web import Console
+from facegrid_harness.processes import free_port
+
+
+def test_a_session_is_sealed_and_opens_only_unaltered_and_in_time(tmp_path: Path) -> None:
+    key_file = tmp_path / "session.key"
+    codec = SessionCodec.from_key_file(key_file, ttl_s=60)
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    sealed = codec.seal(Session("fgt_secret-token", "token …oken"))
+    assert "fgt_secret-token" not in sealed
+    assert codec.open(sealed) == Session("fgt_secret-token", "token …oken")
+    assert codec.open(sealed[:-4] + "AAAA") is None  # altered
+    assert codec.open("") is None
+    assert codec.open(None) is None
+    other = SessionCodec.from_key_file(tmp_path / "other.key", ttl_s=60)
+    assert other.open(sealed) is None  # another key: another console
+    old = codec._fernet.encrypt_at_time(
+        json.dumps({"token": "t", "label": "l"}).encode(), int(time.time()) - 120
+    )
+    assert codec.open(old.decode()) is None  # past the TTL
+    # The same key file: the same sessions (what replicas behind one address need).
+    assert SessionCodec.from_key_file(key_file, ttl_s=60).open(sealed) is not None
+
+
+def test_csrf_tokens_belong_to_their_session(tmp_path: Path) -> None:
+    codec = SessionCodec.from_key_file(tmp_path / "k", ttl_s=60)
+    one, two = codec.seal(Session("a", "a")), codec.seal(Session("b", "b"))
+    assert codec.csrf_valid(one, codec.csrf_token(one))
+    assert not codec.csrf_valid(one, codec.csrf_token(two))
+    assert not codec.csrf_valid(one, "")
+    assert not codec.csrf_valid(None, codec.csrf_token(one))
+
+
+def test_a_key_file_that_is_not_a_key_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key\n")
+    with pytest.raises(ValueError, match="not a console session key"):
+        SessionCodec.from_key_file(bad, ttl_s=60)
+
+
+def test_token_labels_never_show_the_token() -> None:
+    claims = base64.urlsafe_b64encode(json.dumps({"sub": "examiner-7"}).encode()).decode()
+    assert token_label(f"e30.{claims.rstrip('=')}.sig") == "examiner-7 (OIDC)"
+    assert token_label("fgt_abcdefgh1234") == "token …1234"
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("/reviews/abc", "/reviews/abc"),
+        ("https://elsewhere.example/", ""),
+        ("//elsewhere.example/path", ""),
+        ("javascript:alert(1)", ""),
+        ("reviews", ""),
+    ],
+)
+def test_after_sign_in_only_a_path_of_this_console(given: str, kept: str) -> None:
+    assert _local_path(given) == kept
+
+
+class Running:
+    def __init__(self, port: int, codec: SessionCodec) -> None:
+        self.port = port
+        self.codec = codec
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        cookie: str = "",
+    ) -> http.client.HTTPResponse:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        sent = dict(headers or {})
+        if cookie:
+            sent["Cookie"] = f"{COOKIE}={cookie}"
+        connection.request(method, path, body=body, headers=sent)
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        return response
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    work = tmp_path_factory.mktemp("console-unit")
+    nowhere = f"127.0.0.1:{free_port()}"
+    settings = load_settings(
+        [
+            f"console.gateway_address={nowhere}",
+            f"console.ingest_address={nowhere}",
+            "console.call_timeout_s=2",
+            "console.max_upload_bytes=100000",
+            f"console.session_key_file={work / 'session.key'}",
+        ]
+    )
+    port = free_port()
+    ready = threading.Event()
+    holder: dict[str, uvicorn.Server] = {}
+    codec = SessionCodec.from_key_file(settings.console.session_key_file, 600)
+
+    def serve() -> None:
+        async def main() -> None:
+            console = Console(settings, Backend(settings), codec)
+            config = uvicorn.Config(
+                SecurityHeaders(build_app(console), https=False),
+                host="127.0.0.1",
+                port=port,
+                lifespan="off",
+                log_config=None,
+            )
+            server = uvicorn.Server(config)
+            holder["server"] = server
+            ready.set()
+            await server.serve()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ready.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not holder["server"].started:
+        time.sleep(0.05)
+    yield Running(port, codec)
+    holder["server"].should_exit = True
+    thread.join(10)
+
+
+def test_pages_carry_protective_headers_and_need_a_sign_in(running: Running) -> None:
+    health = running.request("GET", "/healthz")
+    assert health.status == 200
+    assert "frame-ancestors 'none'" in (health.getheader("content-security-policy") or "")
+    assert health.getheader("cache-control") == "no-store"
+    assert health.getheader("x-content-type-options") == "nosniff"
+    page = running.request("GET", "/collections")
+    assert page.status == 303
+    assert page.getheader("location") == "/sign-in?next=%2Fcollections"
+    forged = running.request("GET", "/collections", cookie="not-a-session")
+    assert forged.status == 303
+
+
+def test_a_sign_in_needs_the_forms_csrf_token(running: Running) -> None:
+    body = urllib.parse.urlencode({"token": "fgt_x", "csrf": "guess"}).encode()
+    response = running.request(
+        "POST",
+        "/sign-in",
+        body,
+        {"Content-Type": "application/x-www-form-urlencoded", "Cookie": "facegrid_sign_in=n"},
+    )
+    assert response.status == 403
+
+
+def test_a_gateway_that_cannot_be_reached_is_said_so_at_sign_in(running: Running) -> None:
+    nonce = "nonce-1"
+    body = urllib.parse.urlencode(
+        {"token": "fgt_x", "csrf": running.codec.csrf_token(nonce), "next": "/search"}
+    ).encode()
+    response = running.request(
+        "POST",
+        "/sign-in",
+        body,
+        {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Cookie": f"facegrid_sign_in={nonce}",
+        },
+    )
+    assert response.status == 401
+    assert not any(COOKIE in v for k, v in response.getheaders() if k.lower() == "set-cookie")
+
+
+def test_a_post_without_its_csrf_token_or_too_large_is_refused(running: Running) -> None:
+    sealed = running.codec.seal(Session("fgt_x", "x"))
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    missing = running.request("POST", "/search", b"case_id=1", form, cookie=sealed)
+    assert missing.status == 403
+    large = running.request("POST", "/search", b"x" * 100001, form, cookie=sealed)
+    assert large.status == 413
+    csrf = running.codec.csrf_token(sealed)
+    # A valid form reaches the gateway, which cannot be reached here: 503, said on the page.
+    sent = urllib.parse.urlencode({"csrf": csrf, "collection": "c"}).encode()
+    unreachable = running.request("POST", "/search", sent, form, cookie=sealed)
+    assert unreachable.status == 503
