@@ -12,6 +12,7 @@ are recorded as for a search.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import urllib.parse
@@ -132,14 +133,28 @@ async def _relay(
     console: Console, signed: Signed, message: ingest_pb2.StreamMatchEventsRequest
 ) -> AsyncIterator[str]:
     """SSE messages: ``match`` (an event's card, id = its cursor), ``problem`` (the
-    stream was refused or ended: the page says why and stops), comments as heartbeats."""
+    stream was refused or ended: the page says why and stops), comments as heartbeats.
+    It ends at once when the console starts to stop, so that no open view holds the
+    shutdown up."""
     template = console.templates.env.get_template("event_card.html")
     async with console.event_streams:
         yield "retry: 2000\n: facegrid match events\n\n"
+        stream = console.backend.match_events(message, signed.token)
+        stopping = asyncio.ensure_future(console.stopping.wait())
         try:
-            async for reply in console.backend.match_events(message, signed.token):
-                if console.stopping.is_set():
-                    break
+            while True:
+                following = asyncio.ensure_future(anext(stream))
+                await asyncio.wait({following, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not following.done():
+                    following.cancel()
+                    await asyncio.gather(following, return_exceptions=True)
+                    yield _sse("problem", "The console is restarting; reload the page to continue.")
+                    return
+                try:
+                    reply = following.result()
+                except StopAsyncIteration:
+                    yield _sse("problem", "The event stream ended; reload the page to continue.")
+                    return
                 if not reply.HasField("event"):
                     yield ": heartbeat\n\n"
                     continue
@@ -147,8 +162,9 @@ async def _relay(
                 yield _sse("match", card, reply.event.cursor)
         except CallError as failure:
             yield _sse("problem", " ".join(failure.lines))
-        if console.stopping.is_set():
-            yield _sse("problem", "The console is restarting; reload the page to continue.")
+        finally:
+            stopping.cancel()
+            await stream.aclose()
 
 
 def _sse(kind: str, data: str, event_id: str = "") -> str:

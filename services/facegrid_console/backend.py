@@ -9,7 +9,7 @@ the page shows.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, TypeVar
 
 import grpc
@@ -106,7 +106,7 @@ class Backend:
 
     async def match_events(
         self, request: ingest_pb2.StreamMatchEventsRequest, token: str
-    ) -> AsyncIterator[ingest_pb2.StreamMatchEventsResponse]:
+    ) -> AsyncGenerator[ingest_pb2.StreamMatchEventsResponse, None]:
         """The server stream of match events, as long as it lasts (no deadline: the
         server sends a heartbeat every 30 s and the page's end cancels it)."""
         stream = self.ingest.StreamMatchEvents(request, metadata=bearer_metadata(token))

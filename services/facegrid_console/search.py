@@ -12,6 +12,7 @@ event's candidates and every decision on them whenever it is opened again.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,7 +123,6 @@ def routes(console: Console) -> list[BaseRoute]:
         except CallError as failure:
             page = await _form_context(console, signed)
             page.update(failure=failure, given=dict(form.items()))
-            page.pop("given_photo", None)
             return console.render(
                 request, "search.html", page, status_code=failure.http_status, signed=signed
             )
@@ -144,8 +144,12 @@ def routes(console: Console) -> list[BaseRoute]:
                 "reply": reply,
                 "collection": collection,
                 "context": context,
-                "probe": views.probe_data_url(
-                    photo, reply.searched_face.bounding_box, console.settings.images
+                # Decoding a large photo takes a while: not on the event loop.
+                "probe": await asyncio.to_thread(
+                    views.probe_data_url,
+                    photo,
+                    reply.searched_face.bounding_box,
+                    console.settings.images,
                 ),
                 "candidates": candidates,
                 "record": reply.audit_record,
