@@ -488,6 +488,29 @@ class ConsoleSettings(Section):
     max_event_streams: int = Field(
         64, gt=0, description="Live alert views open at once; more are refused (503)."
     )
+    public_url: str = Field(
+        "",
+        description="The console's address as browsers reach it (https://console.example.org), "
+        "for the OIDC sign-in's redirect URI; empty: the address of each request.",
+    )
+    oidc_client_id: str = Field(
+        "",
+        description="The console's client id at the OIDC provider (oidc.issuer): people then "
+        "sign in on the provider's page (authorization code with PKCE). Empty: tokens only.",
+    )
+    oidc_client_secret_file: str = Field(
+        "",
+        description="File holding the client's secret, for a confidential client; empty: a "
+        "public client (PKCE alone).",
+    )
+    oidc_discovery_url: str = Field(
+        "",
+        description="The provider's OpenID configuration; empty: "
+        "oidc.issuer + /.well-known/openid-configuration.",
+    )
+    oidc_scopes: str = Field(
+        "openid", description="Scopes the console asks the provider for (space-separated)."
+    )
 
 
 class ServerSettings(Section):

@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from facegrid_console import alerts, audit, gallery, search
 from facegrid_console.backend import Backend, CallError
+from facegrid_console.oidc_sign_in import STATE_COOKIE, STATE_TTL_S, OidcSignIn, SignInError
 from facegrid_console.sessions import COOKIE, Session, SessionCodec, token_label
 from facegrid_console.web import HERE, Console, text
 
@@ -93,6 +94,7 @@ def build_app(console: Console) -> Starlette:
                 "csrf": console.sessions.csrf_token(nonce),
                 "next": _local_path(request.query_params.get("next", "")),
                 "message": request.query_params.get("message", ""),
+                "oidc": console.oidc is not None,
             },
         )
         _set_cookie(response, PRE_COOKIE, nonce, console, max_age=3600)
@@ -111,15 +113,66 @@ def build_app(console: Console) -> Starlette:
             response = console.render(
                 request,
                 "sign_in.html",
-                {"csrf": given, "next": next_path, "message": problem},
+                {
+                    "csrf": given,
+                    "next": next_path,
+                    "message": problem,
+                    "oidc": console.oidc is not None,
+                },
                 status_code=401,
             )
             return response
         response = RedirectResponse(next_path or "/search", status_code=303)
-        sealed = console.sessions.seal(Session(token, token_label(token)))
-        _set_cookie(response, COOKIE, sealed, console, max_age=int(console.sessions.ttl_s))
+        _start_session(response, console, token)
         response.delete_cookie(PRE_COOKIE, path="/")
         return response
+
+    async def oidc_start(request: Request) -> Response:
+        if console.oidc is None:
+            raise HTTPException(404, "Sign-in through an OIDC provider is not configured.")
+        next_path = _local_path(request.query_params.get("next", ""))
+        try:
+            started = await console.oidc.start(str(request.base_url), next_path)
+        except SignInError as error:
+            return _sign_in_again(request, str(error))
+        response = RedirectResponse(started.location, status_code=303)
+        # Lax, not Strict: the provider sends the browser back from its own site.
+        response.set_cookie(
+            STATE_COOKIE,
+            started.state_cookie,
+            max_age=STATE_TTL_S,
+            path="/sign-in/oidc",
+            httponly=True,
+            secure=console.secure_cookies,
+            samesite="lax",
+        )
+        return response
+
+    async def oidc_callback(request: Request) -> Response:
+        if console.oidc is None:
+            raise HTTPException(404, "Sign-in through an OIDC provider is not configured.")
+        try:
+            token, next_path = await console.oidc.finish(
+                dict(request.query_params), request.cookies.get(STATE_COOKIE)
+            )
+        except SignInError as error:
+            return _sign_in_again(request, str(error))
+        problem = await _token_refused(console, token)
+        if problem:
+            return _sign_in_again(request, problem)
+        # A page, not a redirect: the browser arrived from the provider's site, and a
+        # SameSite=Strict cookie is sent only once it moves on from a page of ours.
+        response = console.render(
+            request, "signed_in.html", {"next": _local_path(next_path) or "/search"}
+        )
+        _start_session(response, console, token)
+        response.delete_cookie(STATE_COOKIE, path="/sign-in/oidc")
+        return response
+
+    def _sign_in_again(request: Request, message: str) -> Response:
+        return RedirectResponse(
+            "/sign-in?" + urllib.parse.urlencode({"message": message}), status_code=303
+        )
 
     async def sign_out(request: Request) -> Response:
         form = await request.form(max_files=0, max_fields=5)
@@ -144,6 +197,8 @@ def build_app(console: Console) -> Starlette:
         Route("/sign-in", sign_in_page, methods=["GET"]),
         Route("/sign-in", sign_in, methods=["POST"]),
         Route("/sign-out", sign_out, methods=["POST"]),
+        Route("/sign-in/oidc", oidc_start, methods=["GET"]),
+        Route("/sign-in/oidc/callback", oidc_callback, methods=["GET"]),
         *search.routes(console),
         *alerts.routes(console),
         *gallery.routes(console),
@@ -171,6 +226,11 @@ def _set_cookie(response: Response, name: str, value: str, console: Console, max
         secure=console.secure_cookies,
         samesite="strict",
     )
+
+
+def _start_session(response: Response, console: Console, token: str) -> None:
+    sealed = console.sessions.seal(Session(token, token_label(token)))
+    _set_cookie(response, COOKIE, sealed, console, max_age=int(console.sessions.ttl_s))
 
 
 async def _token_refused(console: Console, token: str) -> str:
@@ -203,14 +263,11 @@ async def serve(settings: Settings) -> None:
     if not https:
         tls.check_plaintext_allowed("console", settings.server.host)
     backend = Backend(settings)
-    console = Console(
-        settings,
-        backend,
-        SessionCodec.from_key_file(
-            console_settings.session_key_file, console_settings.session_ttl_s
-        ),
-        secure_cookies=https,
+    sessions = SessionCodec.from_key_file(
+        console_settings.session_key_file, console_settings.session_ttl_s
     )
+    oidc = OidcSignIn(settings, sessions) if console_settings.oidc_client_id else None
+    console = Console(settings, backend, sessions, secure_cookies=https, oidc=oidc)
     app = SecurityHeaders(build_app(console), https)
     ssl: dict[str, Any] = (
         {"ssl_certfile": settings.tls.cert_file, "ssl_keyfile": settings.tls.key_file}

@@ -72,6 +72,21 @@ class SessionCodec:
             return None
         return Session(token, label)
 
+    def seal_data(self, data: dict[str, str]) -> str:
+        """Short-lived state sealed for the browser to carry (an OIDC sign-in's)."""
+        return self._fernet.encrypt(json.dumps(data).encode()).decode()
+
+    def open_data(self, cookie: str | None, ttl_s: int) -> dict[str, str] | None:
+        if not cookie:
+            return None
+        try:
+            data = json.loads(self._fernet.decrypt(cookie.encode(), ttl=ttl_s))
+        except (InvalidToken, ValueError):
+            return None
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            return None
+        return data
+
     def csrf_token(self, cookie: str) -> str:
         digest = hmac.new(self._mac_key, cookie.encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).decode().rstrip("=")

@@ -19,6 +19,7 @@ from starlette.templating import Jinja2Templates
 
 from facegrid_console import views
 from facegrid_console.backend import Backend, CallError
+from facegrid_console.oidc_sign_in import OidcSignIn
 from facegrid_console.sessions import COOKIE, Session, SessionCodec
 
 HERE = Path(__file__).parent
@@ -34,6 +35,8 @@ class Console:
     # Set on SIGTERM: health answers 503 and live alert views end.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     secure_cookies: bool = False
+    # The OIDC provider's sign-in page, when console.oidc_client_id is set.
+    oidc: OidcSignIn | None = None
 
     def __post_init__(self) -> None:
         self.templates = Jinja2Templates(directory=HERE / "templates")

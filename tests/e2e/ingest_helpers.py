@@ -48,10 +48,15 @@ class IngestStack:
 
 @contextlib.contextmanager
 def ingest_stack(
-    model_repo: Path, work: Path, allowed_dirs: list[Path], ingest_extra: Sequence[str] = ()
+    model_repo: Path,
+    work: Path,
+    allowed_dirs: list[Path],
+    ingest_extra: Sequence[str] = (),
+    overrides: Sequence[str] = (),
 ) -> Iterator[IngestStack]:
     """Everything running, one ingest replica ("replica-a", with ``ingest_extra``
-    settings); stopped afterwards, each process checked to exit 0."""
+    settings), every service with ``overrides``; stopped afterwards, each process
+    checked to exit 0."""
     dirs = ", ".join(f'"{d.resolve()}"' for d in allowed_dirs)
     with NatsServer(work / "nats") as nats:
         stack = start_stack(
@@ -61,6 +66,7 @@ def ingest_stack(
                 f"ingest.lease_s={LEASE_S}",
                 f"ingest.allowed_dirs=[{dirs}]",
                 'ingest.allowed_hosts=["127.0.0.1"]',
+                *overrides,
             ],
             work,
         )

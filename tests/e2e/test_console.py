@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from facegrid.v1 import face_service_pb2 as F  # noqa: N812
 from facegrid.v1 import ingest_pb2 as I  # noqa: N812
+from oidc_provider import OidcProvider
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.e2e.ingest_helpers import (
@@ -54,6 +55,8 @@ SUBJECT = "lin-manuel-miranda"
 PROCESSOR = "console-gate"
 CASE = "CASE-CONSOLE-1"
 WAIT_MS = 60_000
+ISSUER = "https://idp.agency.test/realms/police"
+CLIENT_ID = "facegrid-console"
 
 pytestmark = [
     pytest.mark.skipif(not CLIP.is_file(), reason=f"test video not found ({CLIP})"),
@@ -74,12 +77,33 @@ class Console:
 
 
 @pytest.fixture(scope="module")
-def console(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
+def provider() -> Iterator[OidcProvider]:
+    """The agency's identity provider (a stand-in: no real one runs here)."""
+    running = OidcProvider(
+        ISSUER, CLIENT_ID, "officer-4711", ["facegrid.search", "facegrid.read", "facegrid.review"]
+    )
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def console(
+    model_repo: Path, provider: OidcProvider, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Console]:
     work = tmp_path_factory.mktemp("console")
-    with ingest_stack(model_repo, work, [CLIP.parent]) as s:
+    # The gateway accepts the provider's access tokens besides its own tokens.
+    oidc = [f"oidc.issuer={ISSUER}", f"oidc.jwks_url={provider.url}/certs"]
+    with ingest_stack(model_repo, work, [CLIP.parent], overrides=oidc) as s:
         enrol(s, "watchlist", {SUBJECT: MIRANDA})
         service = s.stack.group.start(
-            "console", port=0, extra=[f"console.session_key_file={work / 'session.key'}"]
+            "console",
+            port=0,
+            extra=[
+                f"console.session_key_file={work / 'session.key'}",
+                f"console.oidc_client_id={CLIENT_ID}",
+                "console.oidc_scopes=openid facegrid",
+                f"console.oidc_discovery_url={provider.url}/.well-known/openid-configuration",
+            ],
         )
         yield Console(s, f"http://{service.address}")
 
@@ -132,6 +156,43 @@ def test_sign_in_refuses_an_unknown_token_and_pages_need_a_sign_in(page: Page) -
     assert page.get_by_text("The gateway did not accept this token.").is_visible()
     cookies = page.context.cookies()
     assert not [c for c in cookies if c["name"] == "facegrid_session"]
+
+
+def test_signing_in_on_the_agencys_provider(
+    page: Page, console: Console, provider: OidcProvider
+) -> None:
+    """The authorization-code flow with PKCE: the provider's page, back with a code, the
+    access token kept in the session; the gateway then knows the person by the token's
+    subject and allows what its scopes allow."""
+    page.goto("/sign-in?next=/collections")
+    shot(page, "01b-sign-in-oidc")
+    page.get_by_role("link", name="Sign in with your organisation's account").click()
+    page.get_by_role("heading", name="Collections").wait_for()
+    assert "officer-4711 (OIDC)" in page.inner_text("header")
+    exchanged = provider.token_requests[-1]
+    assert exchanged["grant_type"] == "authorization_code"
+    assert len(exchanged["code_verifier"]) >= 43
+    assert exchanged["redirect_uri"] == f"{console.url}/sign-in/oidc/callback"
+    search(page, MIRANDA, case="CASE-CONSOLE-OIDC")
+    page.get_by_role("heading", name="Search of watchlist").wait_for()
+    listed = console.stack.faces.ListAuditRecords(
+        F.ListAuditRecordsRequest(filter=F.AuditRecordFilter(case_id="CASE-CONSOLE-OIDC")),
+        metadata=console.stack.metadata(),
+        timeout=CALL_TIMEOUT_S,
+    ).audit_records
+    assert [r.principal for r in listed] == ["officer-4711"]
+    # Without the enrol scope, the provider's token cannot enrol: the gateway says no.
+    page.goto("/collections/watchlist")
+    page.get_by_label("Photo (JPEG or PNG)").set_input_files(str(MIRANDA))
+    page.get_by_role("button", name="Enrol").click()
+    assert "PERMISSION_DENIED" in page.get_by_role("alert").inner_text()
+
+
+def test_a_callback_that_does_not_belong_to_the_sign_in_is_refused(page: Page) -> None:
+    page.goto("/sign-in/oidc/callback?code=stolen&state=guessed")
+    assert "/sign-in" in page.url
+    assert "took too long or began elsewhere" in page.inner_text("main")
+    assert not [c for c in page.context.cookies() if c["name"] == "facegrid_session"]
 
 
 def test_a_search_a_decision_and_its_audit_record(page: Page, console: Console) -> None:

@@ -29,7 +29,7 @@ def servicer_without_dependencies(module: Any, class_name: str) -> Any:
     return cls.__new__(cls)
 
 
-# The console is a web server, not a gRPC one (tests/unit/test_console.py, and in a real
+# The console is a web server, not a gRPC one (tests/unit/test_console_policy.py, and in a real
 # browser tests/e2e/test_console.py).
 WEB_SERVICES = {"console"}
 

@@ -14,15 +14,18 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
 from facegrid.config import load_settings
 from facegrid_console.app import SecurityHeaders, _local_path, build_app
 from facegrid_console.backend import Backend
+from facegrid_console.oidc_sign_in import OidcSignIn, SignInError
 from facegrid_console.sessions import COOKIE, Session, SessionCodec, token_label
 from facegrid_console.web import Console
 from facegrid_harness.processes import free_port
+from oidc_provider import OidcProvider
 
 
 def test_a_session_is_sealed_and_opens_only_unaltered_and_in_time(tmp_path: Path) -> None:
@@ -205,3 +208,45 @@ def test_a_post_without_its_csrf_token_or_too_large_is_refused(running: Running)
     sent = urllib.parse.urlencode({"csrf": csrf, "collection": "c"}).encode()
     unreachable = running.request("POST", "/search", sent, form, cookie=sealed)
     assert unreachable.status == 503
+
+
+def _oidc(tmp_path: Path, discovery_url: str, issuer: str = "https://idp.test/realm") -> Any:
+    settings = load_settings(
+        [
+            f"oidc.issuer={issuer}",
+            "oidc.jwks_url=https://idp.test/certs",
+            "console.oidc_client_id=console",
+            f"console.oidc_discovery_url={discovery_url}",
+        ]
+    )
+    return OidcSignIn(settings, SessionCodec.from_key_file(tmp_path / "k", 600))
+
+
+def test_the_oidc_sign_in_refuses_what_does_not_belong_to_it(tmp_path: Path) -> None:
+    provider = OidcProvider("https://idp.test/realm", "console", "officer-1", ["facegrid.read"])
+    try:
+        sign_in = _oidc(tmp_path, f"{provider.url}/.well-known/openid-configuration")
+        started = asyncio.run(sign_in.start("http://127.0.0.1:8080/", "/search"))
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(started.location).query))
+        assert query["code_challenge_method"] == "S256"
+        assert query["redirect_uri"] == "http://127.0.0.1:8080/sign-in/oidc/callback"
+        assert query["state"] not in started.state_cookie  # sealed
+        back = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(provider.authorize(query)).query))
+        with pytest.raises(SignInError, match="does not belong"):
+            asyncio.run(sign_in.finish({**back, "state": "guessed"}, started.state_cookie))
+        with pytest.raises(SignInError, match="took too long or began elsewhere"):
+            asyncio.run(sign_in.finish(back, None))
+        token, next_path = asyncio.run(sign_in.finish(back, started.state_cookie))
+        assert next_path == "/search"
+        assert token.count(".") == 2
+        with pytest.raises(SignInError, match="answered 400"):  # a code works once
+            asyncio.run(sign_in.finish(back, started.state_cookie))
+        other = _oidc(
+            tmp_path, f"{provider.url}/.well-known/openid-configuration", issuer="https://x.test"
+        )
+        with pytest.raises(SignInError, match="names issuer"):
+            asyncio.run(other.start("http://127.0.0.1:8080/", ""))
+    finally:
+        provider.close()
+    with pytest.raises(ValueError, match="must be https"):
+        _oidc(tmp_path, "http://idp.example.org/.well-known/openid-configuration")
