@@ -488,6 +488,9 @@ class ConsoleSettings(Section):
     max_event_streams: int = Field(
         64, gt=0, description="Live alert views open at once; more are refused (503)."
     )
+    max_connections: int = Field(
+        256, gt=0, description="HTTP connections served at once; more are answered 503."
+    )
     public_url: str = Field(
         "",
         description="The console's address as browsers reach it (https://console.example.org), "

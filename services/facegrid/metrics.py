@@ -110,6 +110,18 @@ INGEST_CONSUMER_LAG = Gauge(
     "Events stored but not yet sent to a subscriber, summed over open subscriptions.",
 )
 
+CONSOLE_REQUESTS = Counter(
+    "facegrid_console_requests",
+    "Console HTTP requests answered, by page (the path's first segment) and status.",
+    ["page", "method", "status"],
+)
+CONSOLE_LATENCY = Histogram(
+    "facegrid_console_request_duration_seconds",
+    "Time to answer a console HTTP request (a live alert view: while open), by page.",
+    ["page", "method"],
+    buckets=_LATENCY_BUCKETS,
+)
+
 
 def serve_metrics(host: str, port: int) -> int:
     """Serve /metrics on ``host:port`` in a background thread (0: off); return the port."""

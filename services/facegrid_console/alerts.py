@@ -54,6 +54,8 @@ def event_view(event: ingest_pb2.MatchEvent) -> dict[str, Any]:
         "source": event.source_id,
         "captured": views.when(event.capture_time),
         "chip": views.chip_data_url(event.face.chip),
+        # Listed events come without their chip: the page asks for it (lazily).
+        "chip_url": "/alerts/chip?" + urllib.parse.urlencode({"event": event.name}),
         "best": best.face.name if best else "",
         "subject": best.face.subject_id if best else "",
         "similarity": best.similarity if best else 0.0,
@@ -123,8 +125,24 @@ def routes(console: Console) -> list[BaseRoute]:
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
 
+    async def event_chip(request: Request, signed: Signed) -> Response:
+        name = request.query_params.get("event", "")
+        if not name.startswith("streamProcessors/") or name.count("/") != 3:
+            raise HTTPException(400, "Give a match event, streamProcessors/{p}/matchEvents/{e}.")
+        reply = await console.backend.call(
+            console.backend.ingest,
+            "GetMatchEvent",
+            ingest_pb2.GetMatchEventRequest(name=name, include_chip=True),
+            signed.token,
+        )
+        png = views.chip_png(reply.match_event.face.chip)
+        if not png:
+            raise HTTPException(404, "This event has no image.")
+        return Response(png, media_type="image/png", headers={"cache-control": "private, no-store"})
+
     return [
         Route("/alerts", signed_in(console, alerts_page), methods=["GET"]),
+        Route("/alerts/chip", signed_in(console, event_chip), methods=["GET"]),
         Route("/alerts/stream", signed_in(console, alert_stream), methods=["GET"]),
     ]
 

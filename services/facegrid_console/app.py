@@ -14,6 +14,7 @@ import contextlib
 import logging
 import secrets
 import signal
+import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +22,10 @@ from typing import Any
 import uvicorn
 from facegrid import tls
 from facegrid.config import Settings
+from facegrid.metrics import CONSOLE_LATENCY, CONSOLE_REQUESTS
+from facegrid.telemetry import span
 from facegrid.v1 import face_service_pb2
+from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -74,6 +78,45 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+class PageTelemetry:
+    """A span per request (the calls it makes to the gateway and ingest are its
+    children) and the request metrics, labelled by page: the path's first segment,
+    never an id from it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        page = page_label(scope["path"])
+        method = scope["method"]
+        status = {"code": 500}
+        started = time.perf_counter()
+
+        async def recorded(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            with span(f"console {method} {page}", trace.SpanKind.SERVER, page=page):
+                await self.app(scope, receive, recorded)
+        finally:
+            CONSOLE_REQUESTS.labels(page, method, str(status["code"])).inc()
+            CONSOLE_LATENCY.labels(page, method).observe(time.perf_counter() - started)
+
+
+def page_label(path: str) -> str:
+    first = path.strip("/").split("/", 1)[0]
+    return "/" + first if first in _PAGES else "other"
+
+
+_PAGES = {"", "search", "reviews", "alerts", "collections", "audit", "sign-in", "sign-out",
+          "healthz", "static"}  # fmt: skip
 
 
 def build_app(console: Console) -> Starlette:
@@ -268,7 +311,7 @@ async def serve(settings: Settings) -> None:
     )
     oidc = OidcSignIn(settings, sessions) if console_settings.oidc_client_id else None
     console = Console(settings, backend, sessions, secure_cookies=https, oidc=oidc)
-    app = SecurityHeaders(build_app(console), https)
+    app = PageTelemetry(SecurityHeaders(build_app(console), https))
     ssl: dict[str, Any] = (
         {"ssl_certfile": settings.tls.cert_file, "ssl_keyfile": settings.tls.key_file}
         if https
@@ -286,6 +329,8 @@ async def serve(settings: Settings) -> None:
         server_header=False,
         proxy_headers=False,
         timeout_graceful_shutdown=int(settings.server.grace_period_s),
+        # More connections at once are answered 503 (a bounded server).
+        limit_concurrency=console_settings.max_connections,
         **ssl,
     )
     server = _Server(config)

@@ -76,11 +76,19 @@ def _png_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
-def chip_data_url(chip: common_pb2.Chip) -> str:
-    """A match event's aligned chip (RGB bytes) as an image; "" when there is none."""
+def chip_png(chip: common_pb2.Chip) -> bytes:
+    """A match event's aligned chip (RGB bytes) as PNG; b"" when there is none."""
     if not chip.width or not chip.height or len(chip.rgb) != chip.width * chip.height * 3:
-        return ""
-    return _png_data_url(Image.frombytes("RGB", (chip.width, chip.height), chip.rgb))
+        return b""
+    out = io.BytesIO()
+    Image.frombytes("RGB", (chip.width, chip.height), chip.rgb).save(out, format="PNG")
+    return out.getvalue()
+
+
+def chip_data_url(chip: common_pb2.Chip) -> str:
+    """The chip as a ``data:`` URL; "" when there is none."""
+    png = chip_png(chip)
+    return "data:image/png;base64," + base64.b64encode(png).decode() if png else ""
 
 
 def probe_data_url(photo: bytes, box: common_pb2.BoundingBox, limits: ImageLimits) -> str:

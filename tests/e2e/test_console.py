@@ -304,6 +304,13 @@ def test_an_alert_arrives_live_resumes_after_a_reload_and_is_reviewed(
     assert page.locator("li.event").count() == 1
     stream = page.locator("#events").get_attribute("data-stream") or ""
     assert "after=" in stream  # resumes after the stored event's cursor
+    # A listed event's best shot comes from the console (GetMatchEvent), not inline.
+    listed_image = page.locator("li.event img").first
+    assert (listed_image.get_attribute("src") or "").startswith("/alerts/chip?")
+    page.wait_for_function(
+        "() => { const i = document.querySelector('li.event img');"
+        " return i !== null && i.complete && i.naturalWidth === 150; }"
+    )
     time.sleep(2)  # a repeated event would have come by now
     assert page.locator("li.event").count() == 1
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import uvicorn
 from facegrid.config import load_settings
-from facegrid_console.app import SecurityHeaders, _local_path, build_app
+from facegrid_console.app import SecurityHeaders, _local_path, build_app, page_label
 from facegrid_console.backend import Backend
 from facegrid_console.oidc_sign_in import OidcSignIn, SignInError
 from facegrid_console.sessions import COOKIE, Session, SessionCodec, token_label
@@ -250,3 +250,16 @@ def test_the_oidc_sign_in_refuses_what_does_not_belong_to_it(tmp_path: Path) -> 
         provider.close()
     with pytest.raises(ValueError, match="must be https"):
         _oidc(tmp_path, "http://idp.example.org/.well-known/openid-configuration")
+
+
+@pytest.mark.parametrize(
+    ("path", "page"),
+    [
+        ("/reviews/5df75d47-e9cb-40fd-96a9-a319cc5aafe2", "/reviews"),
+        ("/collections/watchlist/faces/abc/delete", "/collections"),
+        ("/", "/"),
+        ("/officer-4711-was-here", "other"),  # never a label made from the path
+    ],
+)
+def test_metrics_label_pages_never_ids(path: str, page: str) -> None:
+    assert page_label(path) == page
