@@ -1,4 +1,5 @@
-"""Collections and subjects: browse, enrol a photo (with its quality report), delete.
+"""Collections and subjects: browse, add a subject, enrol a photo (with its quality
+report), delete.
 
 Enrolment is IndexFaces; its result page reports every face found, indexed or not, with
 the quality the gateway measured and why a face was left out. Deletion is
@@ -12,7 +13,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from facegrid.v1 import face_service_pb2
+from facegrid.v1 import face_service_pb2, resources_pb2
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -119,6 +120,20 @@ def routes(console: Console) -> list[BaseRoute]:
             signed=signed,
         )
 
+    async def create_subject(request: Request, signed: Signed) -> Response:
+        collection_id = _collection_id(request)
+        form = await checked_form(console, request, signed)
+        await faces(
+            "CreateSubject",
+            F.CreateSubjectRequest(
+                parent=f"collections/{collection_id}",
+                subject_id=text(form, "subject_id"),
+                subject=resources_pb2.Subject(display_name=text(form, "display_name")),
+            ),
+            signed.token,
+        )
+        return RedirectResponse(f"/collections/{collection_id}?created=subject", status_code=303)
+
     async def confirm_delete(request: Request, signed: Signed) -> Response:
         collection_id = _collection_id(request)
         kind = request.path_params["kind"]
@@ -167,6 +182,11 @@ def routes(console: Console) -> list[BaseRoute]:
         Route("/collections", signed_in(console, collections), methods=["GET"]),
         Route("/collections/{collection}", signed_in(console, collection), methods=["GET"]),
         Route("/collections/{collection}/faces", signed_in(console, enrol), methods=["POST"]),
+        Route(
+            "/collections/{collection}/subjects",
+            signed_in(console, create_subject),
+            methods=["POST"],
+        ),
         Route(
             "/collections/{collection}/{kind}/{item}/delete",
             signed_in(console, confirm_delete),

@@ -400,6 +400,26 @@ def test_enrol_with_a_quality_report_then_delete_after_confirming(
     ).faces
     assert face_name not in [f.name for f in listed]
 
+    # A subject added here, a photo enrolled for it, then the subject and its face gone.
+    page.get_by_label("New subject id").fill("visitor-7")
+    page.get_by_role("button", name="Add subject").click()
+    page.get_by_text("Subject added").wait_for()
+    page.get_by_label("Photo (JPEG or PNG)").set_input_files(str(MIRANDA))
+    page.get_by_label("Subject id (optional", exact=False).fill("visitor-7")
+    page.get_by_role("button", name="Enrol").click()
+    page.get_by_role("heading", name="Enrolment report: watchlist").wait_for()
+    page.goto("/collections/watchlist")
+    page.get_by_role("link", name="Delete subject visitor-7").click()
+    page.get_by_label("Delete its faces too").check()
+    page.get_by_label("Type").fill("collections/watchlist/subjects/visitor-7")
+    page.get_by_role("button", name="Delete for good").click()
+    page.get_by_text("Deleted.").wait_for()
+    left = console.stack.faces.ListFaces(
+        F.ListFacesRequest(parent="collections/watchlist"), metadata=md, timeout=CALL_TIMEOUT_S
+    ).faces
+    assert "visitor-7" not in [f.subject_id for f in left]
+    assert SUBJECT in [f.subject_id for f in left]  # the others stay
+
 
 def test_audit_log_search_and_chain_verification(page: Page, console: Console) -> None:
     sign_in(page, console.token)
@@ -416,6 +436,26 @@ def test_audit_log_search_and_chain_verification(page: Page, console: Console) -
     page.get_by_role("heading", name="Audit chain: intact").wait_for()
     assert "signed checkpoint at record" in page.inner_text("main")
     shot(page, "13-audit-verified")
+
+
+def test_the_pages_work_without_javascript(browser: Browser, console: Console) -> None:
+    context = browser.new_context(base_url=console.url, java_script_enabled=False)
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    try:
+        sign_in(page, console.token)
+        search(page, MIRANDA, case="CASE-CONSOLE-NOJS")
+        page.get_by_role("heading", name="Search of watchlist").wait_for()
+        first = page.locator("#candidate-1")
+        first.get_by_label("Inconclusive").check()
+        first.get_by_label("Reason").fill("Recorded without JavaScript")
+        first.get_by_role("button", name="Record decision on candidate 1").click()
+        page.get_by_text("Your decision is recorded in the audit log.").wait_for()
+        assert "Recorded without JavaScript" in page.inner_text("#candidate-1")
+        page.goto(f"/alerts?processor={PROCESSOR}")
+        assert page.locator("li.event").count() >= 1  # the stored events, listed
+    finally:
+        context.close()
 
 
 def test_keyboard_and_labels(page: Page, console: Console) -> None:

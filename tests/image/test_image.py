@@ -6,19 +6,23 @@ Not in `make test`: it needs podman (or buildah's runtime) and an image built by
 dropped, no privilege escalation, TLS from mounted files (the service refuses plaintext
 on a non-loopback address), and health on its own plaintext port, as kubelet's gRPC
 probes ask it. The test gets SERVING from grpc.health.v1, then stops the container with
-SIGTERM and expects a clean exit within the drain and grace periods.
+SIGTERM and expects a clean exit within the drain and grace periods; the console, the
+same over HTTPS and its /healthz.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import trustme
+from cryptography.fernet import Fernet
 from facegrid_harness.processes import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -103,3 +107,54 @@ def test_the_image_serves_health_and_stops_cleanly(search_container: tuple[str, 
     logs = container_logs(name)
     assert exit_code == "0", logs[-4000:]
     assert "Traceback" not in logs, logs[-4000:]
+
+
+def test_the_image_serves_the_console_over_https(image: str, tls_folder: Path) -> None:
+    """The console as k8s/base/console.yaml runs it: HTTPS with the mounted certificate,
+    the session key from a mounted file, /healthz for the probes, a clean stop."""
+    key_folder = tls_folder.parent / "console-session"
+    key_folder.mkdir()
+    (key_folder / "session.key").write_bytes(Fernet.generate_key())
+    for path in (key_folder, key_folder / "session.key"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    port = free_port()
+    name = f"facegrid-console-image-test-{os.getpid()}"
+    env = {
+        "FACEGRID_SERVER__HOST": "0.0.0.0",
+        "FACEGRID_SERVER__DRAIN_S": "1",
+        "FACEGRID_TLS__CERT_FILE": "/etc/facegrid/public-tls/tls.crt",
+        "FACEGRID_TLS__KEY_FILE": "/etc/facegrid/public-tls/tls.key",
+        "FACEGRID_TLS__CA_FILE": "/etc/facegrid/public-tls/ca.crt",
+        "FACEGRID_CONSOLE__SESSION_KEY_FILE": "/etc/facegrid/console-session/session.key",
+        "FACEGRID_CONSOLE__METRICS_PORT": "0",
+    }
+    podman(
+        "run", "--detach", "--name", name, *RUN_FLAGS,
+        "--user", "10001:10001", "--read-only", "--tmpfs", "/tmp",
+        "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+        "--volume", f"{tls_folder}:/etc/facegrid/public-tls:ro",
+        "--volume", f"{key_folder}:/etc/facegrid/console-session:ro",
+        "--publish", f"127.0.0.1:{port}:8443",
+        *[f"--env={key}={value}" for key, value in env.items()],
+        image, "serve", "console", "--port", "8443",
+    )  # fmt: skip
+    try:
+        context = ssl.create_default_context(cafile=str(tls_folder / "ca.crt"))
+        deadline = time.monotonic() + HEALTH_DEADLINE_S
+        status = None
+        while time.monotonic() < deadline and status != 200:
+            try:
+                with urllib.request.urlopen(
+                    f"https://localhost:{port}/healthz", context=context, timeout=2
+                ) as reply:
+                    status = reply.status
+            except OSError:
+                time.sleep(1)
+        assert status == 200, container_logs(name)[-4000:]
+        podman("stop", "--time", "30", name)
+        exit_code = podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+        logs = container_logs(name)
+        assert exit_code == "0", logs[-4000:]
+        assert "Traceback" not in logs, logs[-4000:]
+    finally:
+        podman("rm", "--force", "--time", "0", name, check=False)
