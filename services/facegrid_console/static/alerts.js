@@ -25,6 +25,8 @@
     source.close();
   });
   source.addEventListener("error", () => {
-    if (source.readyState !== EventSource.CLOSED) { status.textContent = "Connection lost; reconnecting…"; }
+    status.textContent = source.readyState === EventSource.CLOSED
+      ? "Live updates stopped (signed out, or the console is unreachable): reload the page."
+      : "Connection lost; reconnecting…";
   });
 })();
