@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 Start = ingest_pb2.StreamMatchEventsRequest.StartPosition
 LISTED_SINCE_S = 3600.0
+# Ingest sends a heartbeat after 30 s without an event: a stream silent for longer is
+# taken for dead, and the browser reconnects.
+STREAM_SILENCE_S = 75.0
 _LIST_PAGES = 5
 _SHOWN = 100
 
@@ -150,10 +153,14 @@ def routes(console: Console) -> list[BaseRoute]:
 async def _relay(
     console: Console, signed: Signed, message: ingest_pb2.StreamMatchEventsRequest
 ) -> AsyncIterator[str]:
-    """SSE messages: ``match`` (an event's card, id = its cursor), ``problem`` (the
-    stream was refused or ended: the page says why and stops), comments as heartbeats.
-    It ends at once when the console starts to stop, so that no open view holds the
-    shutdown up."""
+    """SSE messages: ``match`` (an event's card, id = its cursor), ``problem`` (ingest
+    refused the stream: the page says why and stops), comments as heartbeats.
+
+    The response ends, without a ``problem``, when the console starts to stop (so that
+    no open view holds the shutdown up), when ingest ends the stream, or when nothing,
+    not even ingest's 30-second heartbeat, came for ``STREAM_SILENCE_S``: the browser
+    then reconnects by itself with the last cursor, to this replica or another.
+    """
     template = console.templates.env.get_template("event_card.html")
     async with console.event_streams:
         yield "retry: 2000\n: facegrid match events\n\n"
@@ -162,16 +169,18 @@ async def _relay(
         try:
             while True:
                 following = asyncio.ensure_future(anext(stream))
-                await asyncio.wait({following, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not following.done():
+                await asyncio.wait(
+                    {following, stopping},
+                    timeout=STREAM_SILENCE_S,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not following.done():  # stopping, or a silent stream
                     following.cancel()
                     await asyncio.gather(following, return_exceptions=True)
-                    yield _sse("problem", "The console is restarting; reload the page to continue.")
                     return
                 try:
                     reply = following.result()
                 except StopAsyncIteration:
-                    yield _sse("problem", "The event stream ended; reload the page to continue.")
                     return
                 if not reply.HasField("event"):
                     yield ": heartbeat\n\n"

@@ -12,18 +12,22 @@ import json
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import uvicorn
+from cryptography.fernet import Fernet
 from facegrid.config import load_settings
+from facegrid.v1 import ingest_pb2
+from facegrid_console import alerts
 from facegrid_console.app import SecurityHeaders, _local_path, build_app, page_label
-from facegrid_console.backend import Backend
+from facegrid_console.backend import Backend, CallError
 from facegrid_console.oidc_sign_in import OidcSignIn, SignInError
 from facegrid_console.sessions import COOKIE, Session, SessionCodec, token_label
-from facegrid_console.web import Console
+from facegrid_console.web import Console, Signed
 from facegrid_harness.processes import free_port
 from oidc_provider import OidcProvider
 
@@ -263,3 +267,68 @@ def test_the_oidc_sign_in_refuses_what_does_not_belong_to_it(tmp_path: Path) -> 
 )
 def test_metrics_label_pages_never_ids(path: str, page: str) -> None:
     assert page_label(path) == page
+
+
+class _FakeStream:
+    """Ingest's StreamMatchEvents as the console's backend yields it: some replies, then
+    silence, or a refusal."""
+
+    def __init__(self, replies: list[Any], refusal: grpc.StatusCode | None = None) -> None:
+        self.replies = replies
+        self.refusal = refusal
+
+    async def match_events(self, message: Any, token: str) -> AsyncGenerator[Any, None]:
+        for reply in self.replies:
+            yield reply
+        if self.refusal is not None:
+            error = grpc.aio.AioRpcError(
+                self.refusal, grpc.aio.Metadata(), grpc.aio.Metadata(), details="gone"
+            )
+            raise CallError(error)
+        await asyncio.Event().wait()  # silent from here on
+
+
+def _relayed(backend: _FakeStream, stop_after_s: float | None = None) -> str:
+    settings = load_settings()
+
+    async def run() -> str:
+        codec = SessionCodec(Fernet.generate_key(), 60)
+        console = Console(settings, backend, codec)  # type: ignore[arg-type]
+        signed = Signed(Session("t", "t"), "cookie", "csrf")
+        if stop_after_s is not None:
+            asyncio.get_running_loop().call_later(stop_after_s, console.stopping.set)
+        request = ingest_pb2.StreamMatchEventsRequest()
+        chunks = [c async for c in alerts._relay(console, signed, request)]
+        return "".join(chunks)
+
+    return asyncio.run(asyncio.wait_for(run(), 10))
+
+
+def _event(cursor: str) -> Any:
+    event = ingest_pb2.MatchEvent(name=f"streamProcessors/p/matchEvents/{cursor}", cursor=cursor)
+    event.matches.add().similarity = 91.0
+    return ingest_pb2.StreamMatchEventsResponse(event=event)
+
+
+def test_a_silent_stream_ends_so_that_the_browser_reconnects_with_its_cursor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(alerts, "STREAM_SILENCE_S", 0.3)
+    sent = _relayed(_FakeStream([ingest_pb2.StreamMatchEventsResponse(), _event("c-1")]))
+    assert ": heartbeat" in sent
+    assert "event: match\nid: c-1\n" in sent
+    assert "event: problem" not in sent  # not a refusal: EventSource reconnects
+
+
+def test_a_stopping_console_ends_open_streams_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(alerts, "STREAM_SILENCE_S", 60.0)
+    started = time.monotonic()
+    sent = _relayed(_FakeStream([_event("c-2")]), stop_after_s=0.2)
+    assert time.monotonic() - started < 5
+    assert "id: c-2" in sent
+    assert "event: problem" not in sent
+
+
+def test_a_refused_stream_says_why_and_stops() -> None:
+    sent = _relayed(_FakeStream([], refusal=grpc.StatusCode.NOT_FOUND))
+    assert "event: problem\ndata: NOT_FOUND: gone" in sent
