@@ -13,7 +13,6 @@ are recorded as for a search.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -29,8 +28,6 @@ from starlette.routing import BaseRoute, Route
 from facegrid_console import views
 from facegrid_console.backend import CallError
 from facegrid_console.web import Console, Signed, signed_in
-
-log = logging.getLogger(__name__)
 
 Start = ingest_pb2.StreamMatchEventsRequest.StartPosition
 LISTED_SINCE_S = 3600.0
@@ -132,13 +129,7 @@ def routes(console: Console) -> list[BaseRoute]:
         name = request.query_params.get("event", "")
         if not name.startswith("streamProcessors/") or name.count("/") != 3:
             raise HTTPException(400, "Give a match event, streamProcessors/{p}/matchEvents/{e}.")
-        reply = await console.backend.call(
-            console.backend.ingest,
-            "GetMatchEvent",
-            ingest_pb2.GetMatchEventRequest(name=name, include_chip=True),
-            signed.token,
-        )
-        png = views.chip_png(reply.match_event.face.chip)
+        png = await match_event_chip(console, signed, name)
         if not png:
             raise HTTPException(404, "This event has no image.")
         return Response(png, media_type="image/png", headers={"cache-control": "private, no-store"})
@@ -148,6 +139,17 @@ def routes(console: Console) -> list[BaseRoute]:
         Route("/alerts/chip", signed_in(console, event_chip), methods=["GET"]),
         Route("/alerts/stream", signed_in(console, alert_stream), methods=["GET"]),
     ]
+
+
+async def match_event_chip(console: Console, signed: Signed, name: str) -> bytes:
+    """A match event's best shot as PNG (b"" if it has none); CallError if refused."""
+    reply = await console.backend.call(
+        console.backend.ingest,
+        "GetMatchEvent",
+        ingest_pb2.GetMatchEventRequest(name=name, include_chip=True),
+        signed.token,
+    )
+    return views.chip_png(reply.match_event.face.chip)
 
 
 async def _relay(

@@ -38,7 +38,7 @@ from facegrid_console import alerts, audit, gallery, search
 from facegrid_console.backend import Backend, CallError
 from facegrid_console.oidc_sign_in import STATE_COOKIE, STATE_TTL_S, OidcSignIn, SignInError
 from facegrid_console.sessions import COOKIE, Session, SessionCodec, token_label
-from facegrid_console.web import HERE, Console, text
+from facegrid_console.web import HERE, Console, require_csrf, text
 
 F = face_service_pb2
 
@@ -145,10 +145,12 @@ def build_app(console: Console) -> Starlette:
 
     async def sign_in(request: Request) -> Response:
         form = await request.form(max_files=0, max_fields=5)
-        nonce = request.cookies.get(PRE_COOKIE)
-        given = form.get("csrf")
-        if not console.sessions.csrf_valid(nonce, given if isinstance(given, str) else None):
-            raise HTTPException(403, "The sign-in form is out of date: reload it.")
+        require_csrf(
+            console,
+            request.cookies.get(PRE_COOKIE),
+            form,
+            "The sign-in form is out of date: reload it.",
+        )
         token = text(form, "token")
         next_path = _local_path(text(form, "next"))
         problem = await _token_refused(console, token)
@@ -157,7 +159,7 @@ def build_app(console: Console) -> Starlette:
                 request,
                 "sign_in.html",
                 {
-                    "csrf": given,
+                    "csrf": text(form, "csrf"),
                     "next": next_path,
                     "message": problem,
                     "oidc": console.oidc is not None,
@@ -219,10 +221,9 @@ def build_app(console: Console) -> Starlette:
 
     async def sign_out(request: Request) -> Response:
         form = await request.form(max_files=0, max_fields=5)
-        cookie = request.cookies.get(COOKIE)
-        given = form.get("csrf")
-        if not console.sessions.csrf_valid(cookie, given if isinstance(given, str) else None):
-            raise HTTPException(403, "The form is out of date: reload it.")
+        require_csrf(
+            console, request.cookies.get(COOKIE), form, "The form is out of date: reload it."
+        )
         response = RedirectResponse("/sign-in?message=Signed+out.", status_code=303)
         response.delete_cookie(COOKIE, path="/")
         return response

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from facegrid import audit_checkpoint
 from facegrid.audit_chain import ChainBreak, verify_chain
-from facegrid.v1 import common_pb2, face_service_pb2
+from facegrid.v1 import face_service_pb2
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -52,10 +52,8 @@ def routes(console: Console) -> list[BaseRoute]:
             collection=given["collection"],
             method=given["method"],
         )
-        purpose = query.get("purpose", "")
-        if purpose in common_pb2.IdentificationContext.Purpose.keys():  # noqa: SIM118
-            audit_filter.purpose = common_pb2.IdentificationContext.Purpose.Value(purpose)  # type: ignore[assignment]
-        given["purpose"] = purpose
+        given["purpose"] = query.get("purpose", "")
+        audit_filter.purpose = views.purpose_value(given["purpose"])  # type: ignore[assignment]
         reply = await faces(
             "ListAuditRecords",
             F.ListAuditRecordsRequest(

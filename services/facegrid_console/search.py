@@ -17,13 +17,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from facegrid.v1 import common_pb2, face_service_pb2, ingest_pb2
+from facegrid.v1 import common_pb2, face_service_pb2
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from facegrid_console import views
+from facegrid_console import alerts, views
 from facegrid_console.backend import CallError
 from facegrid_console.web import Console, Signed, checked_form, signed_in, text, upload
 
@@ -35,7 +35,6 @@ OUTCOMES = [
     ("OUTCOME_NOT_A_MATCH", "Not a match"),
     ("OUTCOME_INCONCLUSIVE", "Inconclusive"),
 ]
-_OUTCOME_LABELS = {name: label.split(" (")[0] for name, label in OUTCOMES}
 MAX_CANDIDATES = 50
 _DECISION_PAGES = 20
 MATCH_EVENT_METHOD = "/facegrid.v1.IngestService/MatchEvent"
@@ -55,17 +54,12 @@ class Candidate:
     def anchor(self) -> str:
         return f"candidate-{self.rank}"
 
-    @property
-    def current(self) -> dict[str, Any] | None:
-        return self.decisions[-1] if self.decisions else None
-
 
 def decision_view(record: F.AuditRecord) -> dict[str, Any]:
     decision = record.review_decision
-    name = Outcome.Name(decision.outcome)
     return {
-        "outcome": _OUTCOME_LABELS.get(name, name),
-        "outcome_name": name,
+        "outcome": views.outcome_label(decision.outcome),
+        "outcome_name": Outcome.Name(decision.outcome),
         "reason": decision.reason,
         "principal": record.principal,
         "time": views.when(record.create_time),
@@ -100,11 +94,10 @@ def routes(console: Console) -> list[BaseRoute]:
         photo = await upload(form, "photo")
         collection = text(form, "collection")
         context = common_pb2.IdentificationContext(
-            case_id=text(form, "case_id"), justification=text(form, "justification")
+            purpose=views.purpose_value(text(form, "purpose")),  # type: ignore[arg-type]
+            case_id=text(form, "case_id"),
+            justification=text(form, "justification"),
         )
-        purpose = text(form, "purpose")
-        if purpose in common_pb2.IdentificationContext.Purpose.keys():  # noqa: SIM118
-            context.purpose = common_pb2.IdentificationContext.Purpose.Value(purpose)  # type: ignore[assignment]
         request_message = F.SearchFacesByImageRequest(
             parent=f"collections/{collection}",
             image=photo,
@@ -267,15 +260,9 @@ async def _event_chip(console: Console, signed: Signed, event: str) -> str:
     """The match event's best shot, while ingest still keeps it ("" once erased, or for
     a person without the ingest.watch scope)."""
     try:
-        reply = await console.backend.call(
-            console.backend.ingest,
-            "GetMatchEvent",
-            ingest_pb2.GetMatchEventRequest(name=event, include_chip=True),
-            signed.token,
-        )
+        return views.png_data_url(await alerts.match_event_chip(console, signed, event))
     except CallError:
         return ""
-    return views.chip_data_url(reply.match_event.face.chip)
 
 
 def _bounded_int(value: str, default: int, low: int, high: int) -> int:

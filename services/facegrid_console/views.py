@@ -19,9 +19,15 @@ from google.protobuf import timestamp_pb2
 from PIL import Image
 
 Purpose = common_pb2.IdentificationContext.Purpose
+
+
 # The purposes a person may pick on a search form (those an identification may name).
+def enum_label(name: str, prefix: str) -> str:
+    return name.removeprefix(prefix).replace("_", " ").capitalize()
+
+
 PURPOSES = [
-    (name, name.removeprefix("PURPOSE_").replace("_", " ").capitalize())
+    (name, enum_label(name, "PURPOSE_"))
     for name in Purpose.keys()  # noqa: SIM118
     if name != "PURPOSE_UNSPECIFIED"
 ]
@@ -30,17 +36,19 @@ _PROBE_SIZE = 240
 
 def purpose_label(value: int) -> str:
     name = Purpose.Name(value) if value in Purpose.values() else "PURPOSE_UNSPECIFIED"
-    return name.removeprefix("PURPOSE_").replace("_", " ").capitalize()
+    return enum_label(name, "PURPOSE_")
+
+
+def purpose_value(name: str) -> int:
+    """A form's PURPOSE_... name as the enum's value; 0 (unspecified: the gateway
+    refuses it) for anything else."""
+    return Purpose.Value(name) if name in Purpose.keys() else 0  # noqa: SIM118
 
 
 def outcome_label(value: int) -> str:
     outcome = face_service_pb2.ReviewDecision.Outcome
     name = outcome.Name(value) if value in outcome.values() else "OUTCOME_UNSPECIFIED"
     return enum_label(name, "OUTCOME_")
-
-
-def enum_label(name: str, prefix: str) -> str:
-    return name.removeprefix(prefix).replace("_", " ").capitalize()
 
 
 def similarity(value: float) -> str:
@@ -73,7 +81,7 @@ def record_id(name: str) -> str:
 def _png_data_url(image: Image.Image) -> str:
     out = io.BytesIO()
     image.save(out, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+    return png_data_url(out.getvalue())
 
 
 def chip_png(chip: common_pb2.Chip) -> bytes:
@@ -85,10 +93,14 @@ def chip_png(chip: common_pb2.Chip) -> bytes:
     return out.getvalue()
 
 
+def png_data_url(png: bytes) -> str:
+    """PNG bytes as a ``data:`` URL; "" for none."""
+    return "data:image/png;base64," + base64.b64encode(png).decode() if png else ""
+
+
 def chip_data_url(chip: common_pb2.Chip) -> str:
     """The chip as a ``data:`` URL; "" when there is none."""
-    png = chip_png(chip)
-    return "data:image/png;base64," + base64.b64encode(png).decode() if png else ""
+    return png_data_url(chip_png(chip))
 
 
 def probe_data_url(photo: bytes, box: common_pb2.BoundingBox, limits: ImageLimits) -> str:

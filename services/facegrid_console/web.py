@@ -116,10 +116,16 @@ async def checked_form(console: Console, request: Request, signed: Signed) -> Fo
     if int(length) > limit:
         raise HTTPException(413, f"The form is larger than {limit:,} bytes.")
     form = await request.form(max_files=1, max_fields=50, max_part_size=limit)
-    given = form.get("csrf")
-    if not console.sessions.csrf_valid(signed.cookie, given if isinstance(given, str) else None):
-        raise HTTPException(403, "The form is out of date or not from this console: reload it.")
+    require_csrf(
+        console, signed.cookie, form, "The form is out of date or not from this console: reload it."
+    )
     return form
+
+
+def require_csrf(console: Console, cookie: str | None, form: FormData, refusal: str) -> None:
+    """403 with ``refusal`` unless the form's CSRF token belongs to ``cookie``."""
+    if not console.sessions.csrf_valid(cookie, text(form, "csrf") or None):
+        raise HTTPException(403, refusal)
 
 
 def text(form: FormData, name: str) -> str:
