@@ -34,8 +34,12 @@ CALLED_SERVICES = {
     "embedding": "embedding_address",
     "search": "search_address",
 }
-# The services the console calls, and its setting for each.
-CONSOLE_CALLS = {"gateway": "gateway_address", "ingest": "ingest_address"}
+# Each calling service -> the services it calls -> its setting that names each.
+CALLS = {
+    "gateway": CALLED_SERVICES,
+    "ingest": CALLED_SERVICES,
+    "console": {"gateway": "gateway_address", "ingest": "ingest_address"},
+}
 HEALTH_TIMEOUT_S = 120.0
 
 
@@ -173,22 +177,14 @@ class ServiceGroup:
         if metrics_port is None:
             metrics_port = getattr(self.settings, name).metrics_port
         overrides = [*self.overrides, *extra, f"{name}.metrics_port={metrics_port}"]
-        if name in ("gateway", "ingest"):
-            # They call the services of this group where they really listen, unless this
-            # instance is told otherwise (a DNS name in front of the replicas, say).
-            given = {item.split("=", 1)[0] for item in extra}
-            overrides += [
-                f"{name}.{setting}={self._target(dependency)}"
-                for dependency, setting in CALLED_SERVICES.items()
-                if self._target(dependency) and f"{name}.{setting}" not in given
-            ]
-        if name == "console":
-            given = {item.split("=", 1)[0] for item in extra}
-            overrides += [
-                f"console.{setting}={self._target(dependency)}"
-                for dependency, setting in CONSOLE_CALLS.items()
-                if self._target(dependency) and f"console.{setting}" not in given
-            ]
+        # A caller calls the services of this group where they really listen, unless
+        # this instance is told otherwise (a DNS name in front of the replicas, say).
+        given = {item.split("=", 1)[0] for item in extra}
+        overrides += [
+            f"{name}.{setting}={self._target(dependency)}"
+            for dependency, setting in CALLS.get(name, {}).items()
+            if self._target(dependency) and f"{name}.{setting}" not in given
+        ]
         command = serve_command(name, port, overrides)
         output = None
         if self.log_dir is not None:
