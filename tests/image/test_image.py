@@ -47,6 +47,30 @@ def tls_folder(tmp_path: Path) -> Path:
     return folder
 
 
+def run_as_kubernetes_would(
+    image: str,
+    name: str,
+    volumes: dict[str, str],
+    published: tuple[int, int],
+    env: dict[str, str],
+    args: list[str],
+) -> None:
+    """Start ``image`` detached as the manifests run a pod: user 10001, read-only root
+    with /tmp the only writable place, every capability dropped, no privilege
+    escalation; ``volumes`` (host folder -> mount point) read-only; one port published
+    on 127.0.0.1 (host, container)."""
+    host_port, container_port = published
+    podman(
+        "run", "--detach", "--name", name, *RUN_FLAGS,
+        "--user", "10001:10001", "--read-only", "--tmpfs", "/tmp",
+        "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+        *[f"--volume={source}:{target}:ro" for source, target in volumes.items()],
+        "--publish", f"127.0.0.1:{host_port}:{container_port}",
+        *[f"--env={key}={value}" for key, value in env.items()],
+        image, *args,
+    )  # fmt: skip
+
+
 @pytest.fixture
 def search_container(image: str, tls_folder: Path) -> Iterator[tuple[str, int]]:
     health_port = free_port()
@@ -62,14 +86,9 @@ def search_container(image: str, tls_folder: Path) -> Iterator[tuple[str, int]]:
         "FACEGRID_STORE__URI": "/tmp/facegrid.db",
         "GRPC_VERBOSITY": "ERROR",
     }
-    podman(
-        "run", "--detach", "--name", name, *RUN_FLAGS,
-        "--user", "10001:10001", "--read-only", "--tmpfs", "/tmp",
-        "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-        "--volume", f"{tls_folder}:{tls}:ro",
-        "--publish", f"127.0.0.1:{health_port}:8086",
-        *[f"--env={key}={value}" for key, value in env.items()],
-        image, "serve", "search", "--port", "50053",
+    run_as_kubernetes_would(
+        image, name, {str(tls_folder): tls}, (health_port, 8086), env,
+        ["serve", "search", "--port", "50053"],
     )  # fmt: skip
     try:
         yield name, health_port
@@ -128,16 +147,13 @@ def test_the_image_serves_the_console_over_https(image: str, tls_folder: Path) -
         "FACEGRID_CONSOLE__SESSION_KEY_FILE": "/etc/facegrid/console-session/session.key",
         "FACEGRID_CONSOLE__METRICS_PORT": "0",
     }
-    podman(
-        "run", "--detach", "--name", name, *RUN_FLAGS,
-        "--user", "10001:10001", "--read-only", "--tmpfs", "/tmp",
-        "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-        "--volume", f"{tls_folder}:/etc/facegrid/public-tls:ro",
-        "--volume", f"{key_folder}:/etc/facegrid/console-session:ro",
-        "--publish", f"127.0.0.1:{port}:8443",
-        *[f"--env={key}={value}" for key, value in env.items()],
-        image, "serve", "console", "--port", "8443",
-    )  # fmt: skip
+    volumes = {
+        str(tls_folder): "/etc/facegrid/public-tls",
+        str(key_folder): "/etc/facegrid/console-session",
+    }
+    run_as_kubernetes_would(
+        image, name, volumes, (port, 8443), env, ["serve", "console", "--port", "8443"]
+    )
     try:
         context = ssl.create_default_context(cafile=str(tls_folder / "ca.crt"))
         deadline = time.monotonic() + HEALTH_DEADLINE_S
