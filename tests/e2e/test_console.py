@@ -148,6 +148,15 @@ def search(page: Page, photo: Path, case: str = CASE) -> None:
     page.get_by_role("button", name="Search", exact=True).click()
 
 
+def decide_on_first(page: Page, outcome: str, reason: str) -> None:
+    """Record a decision on candidate 1 of the page's list; wait until it is on record."""
+    first = page.locator("#candidate-1")
+    first.get_by_label(outcome).check()
+    first.get_by_label("Reason").fill(reason)
+    first.get_by_role("button", name="Record decision on candidate 1").click()
+    page.get_by_text("Your decision is recorded in the audit log.").wait_for()
+
+
 def test_sign_in_refuses_an_unknown_token_and_pages_need_a_sign_in(page: Page) -> None:
     page.goto("/collections")
     assert "/sign-in" in page.url
@@ -225,10 +234,7 @@ def test_a_search_a_decision_and_its_audit_record(page: Page, console: Console) 
         F.GetFaceRequest(name=face_name), metadata=md, timeout=CALL_TIMEOUT_S
     ).face
 
-    first.get_by_label("Not a match").check()
-    first.get_by_label("Reason").fill("Different ear shape; hairline differs")
-    first.get_by_role("button", name="Record decision on candidate 1").click()
-    page.get_by_text("Your decision is recorded in the audit log.").wait_for()
+    decide_on_first(page, "Not a match", "Different ear shape; hairline differs")
     decided = page.locator("#candidate-1")
     assert "Not a match" in decided.inner_text()
     assert "Different ear shape; hairline differs" in decided.inner_text()
@@ -318,11 +324,9 @@ def test_an_alert_arrives_live_resumes_after_a_reload_and_is_reviewed(
     page.get_by_role("heading", name="Review of a match event").wait_for()
     assert "Candidates, not identifications." in page.inner_text("main")
     assert page.get_by_alt_text("The best shot of the face the camera saw").is_visible()
-    first = page.locator("#candidate-1")
-    first.get_by_label("Possible match (a lead, not an identification)").check()
-    first.get_by_label("Reason").fill("Same scar above the left eye")
-    first.get_by_role("button", name="Record decision on candidate 1").click()
-    page.get_by_text("Your decision is recorded in the audit log.").wait_for()
+    decide_on_first(
+        page, "Possible match (a lead, not an identification)", "Same scar above the left eye"
+    )
     assert "Possible match" in page.inner_text("#candidate-1")
     shot(page, "07-alert-review")
     events = s.ingest.ListMatchEvents(
@@ -446,11 +450,7 @@ def test_the_pages_work_without_javascript(browser: Browser, console: Console) -
         sign_in(page, console.token)
         search(page, MIRANDA, case="CASE-CONSOLE-NOJS")
         page.get_by_role("heading", name="Search of watchlist").wait_for()
-        first = page.locator("#candidate-1")
-        first.get_by_label("Inconclusive").check()
-        first.get_by_label("Reason").fill("Recorded without JavaScript")
-        first.get_by_role("button", name="Record decision on candidate 1").click()
-        page.get_by_text("Your decision is recorded in the audit log.").wait_for()
+        decide_on_first(page, "Inconclusive", "Recorded without JavaScript")
         assert "Recorded without JavaScript" in page.inner_text("#candidate-1")
         page.goto(f"/alerts?processor={PROCESSOR}")
         assert page.locator("li.event").count() >= 1  # the stored events, listed
