@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from facegrid import tls
+from facegrid import diagnostics, tls
 from facegrid.config import ServerSettings, Settings, TlsSettings
 from facegrid.errors import ServiceError, internal
 from facegrid.logs import log_rpc
@@ -378,6 +378,7 @@ class FacegridServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+        diagnostics.install_stack_dumps(loop)
 
     async def _set_status(self, status: int) -> None:
         for service in ["", *self._names]:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
-from facegrid import tls
+from facegrid import diagnostics, tls
 from facegrid.config import Settings
 from facegrid.metrics import CONSOLE_LATENCY, CONSOLE_REQUESTS
 from facegrid.telemetry import span
@@ -352,6 +352,7 @@ async def serve(settings: Settings) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    diagnostics.install_stack_dumps(loop)
     scheme = "https" if https else "http"
     log.info("console serving on %s://%s:%d", scheme, settings.server.host, console_settings.port)
     try:

@@ -447,22 +447,32 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
             take(first)
             reading = asyncio.ensure_future(anext(iterator))
             ended = asyncio.ensure_future(replaced.wait())
-            while True:
-                done, _ = await asyncio.wait({reading, ended}, return_when=asyncio.FIRST_COMPLETED)
-                if ended in done or worker.run.closed:
-                    reading.cancel()
-                    await context.abort(
-                        grpc.StatusCode.ABORTED,
-                        "another PushFrames stream for this source (on this replica or "
-                        "another) replaced this one, or the processor stopped",
+            try:
+                while True:
+                    done, _ = await asyncio.wait(
+                        {reading, ended}, return_when=asyncio.FIRST_COMPLETED
                     )
-                try:
-                    message = reading.result()
-                except StopAsyncIteration:
-                    ended.cancel()
-                    break
-                take(message)
-                reading = asyncio.ensure_future(anext(iterator))
+                    if ended in done or worker.run.closed:
+                        reading.cancel()
+                        await context.abort(
+                            grpc.StatusCode.ABORTED,
+                            "another PushFrames stream for this source (on this replica or "
+                            "another) replaced this one, or the processor stopped",
+                        )
+                    try:
+                        message = reading.result()
+                    except StopAsyncIteration:
+                        ended.cancel()
+                        break
+                    take(message)
+                    reading = asyncio.ensure_future(anext(iterator))
+            finally:
+                # A cancelled call (its deadline, the client gone) leaves the read
+                # pending: cancel it, or retrieve what it ended with (else asyncio logs
+                # "Task exception was never retrieved").
+                for future in (reading, ended):
+                    if not future.cancel() and not future.cancelled():
+                        future.exception()
         finally:
             if self._push_streams.get(key, (None,))[0] is worker:
                 del self._push_streams[key]

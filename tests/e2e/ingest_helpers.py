@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -148,10 +149,16 @@ def clip_jpegs(count: int = 5, fps: float = 2.0, start_s: float = 4.5) -> list[b
 
 
 def push_visit(
-    s: IngestStack, name: str, source_id: str, frames: list[bytes], start: float, first_seq: int
+    s: IngestStack,
+    name: str,
+    source_id: str,
+    frames: list[bytes],
+    start: float,
+    first_seq: int,
+    timeout_s: float = 120,
 ) -> I.PushFramesResponse:
     """One visit of him: his frames at 2 fps from capture time ``start``, paced so the
-    pipeline keeps up."""
+    pipeline keeps up. A call that fails says where the ingest replica was waiting."""
 
     def messages() -> Iterator[I.PushFramesRequest]:
         for index, jpeg in enumerate(frames):
@@ -165,10 +172,48 @@ def push_visit(
             yield message
             time.sleep(0.4)
 
-    response: I.PushFramesResponse = s.ingest.PushFrames(
-        messages(), metadata=s.metadata(), timeout=120
-    )
+    try:
+        response: I.PushFramesResponse = s.ingest.PushFrames(
+            messages(), metadata=s.metadata(), timeout=timeout_s
+        )
+    except grpc.RpcError as error:
+        raise PushFramesError(error, stacks_of(s, "ingest")) from error
     return response
+
+
+class PushFramesError(AssertionError):
+    """PushFrames ended with an error; ``stacks`` is what the replica was doing then."""
+
+    def __init__(self, error: grpc.RpcError, stacks: str) -> None:
+        self.code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+        self.stacks = stacks
+        details = error.details()  # type: ignore[attr-defined]
+        super().__init__(f"PushFrames ended {self.code.name}: {details}\n{stacks}")
+
+
+def stacks_of(s: IngestStack, instance: str, wait_s: float = 1.5) -> str:
+    """Ask a running service for its stacks (facegrid.diagnostics: SIGUSR1 for its
+    asyncio tasks, SIGUSR2 for its threads) and return what its log gained, after its
+    last 30 lines before the request."""
+    group = s.stack.group
+    service = group.services.get(instance)
+    if service is None or group.log_dir is None or service.process.poll() is not None:
+        return f"({instance} is not running: no stacks)"
+    log = group.log_dir / f"{instance}.log"
+    before = log.read_bytes()
+    service.process.send_signal(signal.SIGUSR1)
+    service.process.send_signal(signal.SIGUSR2)
+    time.sleep(wait_s)
+    gained = log.read_bytes()[len(before) :]
+    recent = before.decode(errors="replace").splitlines()[-30:]
+    return "\n".join(
+        [
+            f"--- the last lines of {log.name}:",
+            *recent,
+            "--- its stacks:",
+            gained.decode(errors="replace"),
+        ]
+    )
 
 
 def wait_events(events: list[I.MatchEvent], count: int, timeout_s: float = 30) -> None:

@@ -1,0 +1,83 @@
+"""What a running service is doing, on request: ``kill -USR1 <pid>`` logs the stack of
+every asyncio task (where each call handler, stream and background loop is waiting);
+``kill -USR2 <pid>`` writes every thread's stack to stderr from the interpreter's own
+signal handler (faulthandler), which works even while the event loop is blocked.
+
+Neither stops or slows the service; both are for an operator (or a test) facing a call
+that hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import io
+import linecache
+import logging
+import signal
+import sys
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+TASKS_SIGNAL = signal.SIGUSR1
+THREADS_SIGNAL = signal.SIGUSR2
+# A dump of thousands of tasks (one per open stream) stays readable.
+_MAX_TASKS = 200
+_MAX_FRAMES = 12
+
+
+def task_stacks(loop: asyncio.AbstractEventLoop) -> str:
+    """Every pending task of ``loop``: its name, its coroutine and where it waits."""
+    tasks = sorted(asyncio.all_tasks(loop), key=lambda task: task.get_name())
+    out = io.StringIO()
+    out.write(f"{len(tasks)} asyncio tasks\n")
+    for task in tasks[:_MAX_TASKS]:
+        coroutine = task.get_coro()
+        name = getattr(coroutine, "__qualname__", repr(coroutine))
+        out.write(f"--- {task.get_name()}: {name}\n")
+        for frame in _awaiting(coroutine):
+            code, line = frame.f_code, frame.f_lineno  # None in compiled (Cython) frames
+            out.write(f'  File "{code.co_filename}", line {line}, in {code.co_name}\n')
+            source = linecache.getline(code.co_filename, line) if line else ""
+            if source.strip():
+                out.write(f"    {source.strip()}\n")
+    if len(tasks) > _MAX_TASKS:
+        out.write(f"... and {len(tasks) - _MAX_TASKS} more\n")
+    return out.getvalue()
+
+
+def _awaiting(coroutine: object) -> list[FrameType]:
+    """The frames of a coroutine and of what it awaits, down to the innermost: a task's
+    own stack (Task.get_stack) stops at its outermost coroutine, which for a gRPC call
+    is the server's, not the method's."""
+    frames: list[FrameType] = []
+    current: object = coroutine
+    while current is not None and len(frames) < _MAX_FRAMES:
+        frame = next(
+            (
+                getattr(current, a)
+                for a in ("cr_frame", "ag_frame", "gi_frame")
+                if hasattr(current, a)
+            ),
+            None,
+        )
+        if frame is not None:
+            frames.append(frame)
+        current = next(
+            (
+                getattr(current, a)
+                for a in ("cr_await", "ag_await", "gi_yieldfrom")
+                if hasattr(current, a)
+            ),
+            None,
+        )
+    return frames
+
+
+def install_stack_dumps(loop: asyncio.AbstractEventLoop) -> None:
+    """SIGUSR1: log the tasks' stacks; SIGUSR2: the threads' stacks on stderr."""
+    loop.add_signal_handler(
+        TASKS_SIGNAL, lambda: log.warning("stacks on SIGUSR1:\n%s", task_stacks(loop))
+    )
+    faulthandler.register(THREADS_SIGNAL, file=sys.stderr, all_threads=True)

@@ -1,0 +1,59 @@
+"""facegrid.diagnostics: the stacks a service logs on SIGUSR1 (its asyncio tasks) and
+writes on SIGUSR2 (its threads), for a call that hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import logging
+import os
+import signal
+
+import pytest
+from facegrid import diagnostics
+
+
+async def _waits_for(event: asyncio.Event) -> None:
+    await event.wait()
+
+
+def test_the_tasks_stacks_name_each_task_and_where_it_waits() -> None:
+    async def main() -> str:
+        event = asyncio.Event()
+        task = asyncio.create_task(_waits_for(event), name="push-gate-1")
+        await asyncio.sleep(0)
+        try:
+            return diagnostics.task_stacks(asyncio.get_running_loop())
+        finally:
+            event.set()
+            await task
+
+    dump = asyncio.run(main())
+    assert "--- push-gate-1: _waits_for" in dump
+    assert "await event.wait()" in dump  # the line it waits on
+    assert dump.startswith("2 asyncio tasks")  # main() and the waiting one
+
+
+def test_sigusr1_logs_the_stacks_and_the_service_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        diagnostics.install_stack_dumps(loop)
+        try:
+            event = asyncio.Event()
+            task = asyncio.create_task(_waits_for(event), name="stream-events")
+            await asyncio.sleep(0)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            for _ in range(50):
+                await asyncio.sleep(0.01)
+                if any("stream-events" in r.getMessage() for r in caplog.records):
+                    break
+            event.set()
+            await task
+        finally:
+            loop.remove_signal_handler(diagnostics.TASKS_SIGNAL)
+            faulthandler.unregister(diagnostics.THREADS_SIGNAL)
+
+    with caplog.at_level(logging.WARNING, logger="facegrid.diagnostics"):
+        asyncio.run(main())
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("stacks on SIGUSR1:") and "stream-events" in m for m in messages)
