@@ -6,7 +6,7 @@ import os
 import struct
 import subprocess
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,20 @@ SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked ``last`` run after all others, in their order."""
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test's report carries the stacks of the services still running (those
+    of module and session fixtures): where each was waiting when the test gave up."""
+    report = yield
+    if report.when == "call" and report.failed:
+        for group in ServiceGroup.live():
+            for name, stacks in group.stacks().items():
+                report.sections.append((f"{name}: its stacks after the failure", stacks))
+    return report
 
 
 def faces_dir() -> Path | None:

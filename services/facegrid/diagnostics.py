@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import gc
 import io
 import linecache
 import logging
@@ -24,7 +25,7 @@ TASKS_SIGNAL = signal.SIGUSR1
 THREADS_SIGNAL = signal.SIGUSR2
 # A dump of thousands of tasks (one per open stream) stays readable.
 _MAX_TASKS = 200
-_MAX_FRAMES = 12
+_MAX_FRAMES = 30
 
 
 def task_stacks(loop: asyncio.AbstractEventLoop) -> str:
@@ -50,29 +51,24 @@ def task_stacks(loop: asyncio.AbstractEventLoop) -> str:
 def _awaiting(coroutine: object) -> list[FrameType]:
     """The frames of a coroutine and of what it awaits, down to the innermost: a task's
     own stack (Task.get_stack) stops at its outermost coroutine, which for a gRPC call
-    is the server's, not the method's."""
+    is the server's (Cython), not the method's."""
     frames: list[FrameType] = []
     current: object = coroutine
     while current is not None and len(frames) < _MAX_FRAMES:
-        frame = next(
-            (
-                getattr(current, a)
-                for a in ("cr_frame", "ag_frame", "gi_frame")
-                if hasattr(current, a)
-            ),
-            None,
-        )
-        if frame is not None:
+        frame = _first_attribute(current, ("cr_frame", "ag_frame", "gi_frame"))
+        if isinstance(frame, FrameType):
             frames.append(frame)
-        current = next(
-            (
-                getattr(current, a)
-                for a in ("cr_await", "ag_await", "gi_yieldfrom")
-                if hasattr(current, a)
-            ),
-            None,
-        )
+        awaited = _first_attribute(current, ("cr_await", "ag_await", "gi_yieldfrom"))
+        if awaited is not None and type(awaited).__name__ == "coroutine_wrapper":
+            # What Cython code awaits a Python coroutine through (its __await__): the
+            # wrapper shows no attribute, but holds the coroutine itself.
+            awaited = next((r for r in gc.get_referents(awaited) if hasattr(r, "cr_await")), None)
+        current = awaited
     return frames
+
+
+def _first_attribute(value: object, names: tuple[str, ...]) -> object:
+    return next((getattr(value, name) for name in names if hasattr(value, name)), None)
 
 
 def install_stack_dumps(loop: asyncio.AbstractEventLoop) -> None:

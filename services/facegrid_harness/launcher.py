@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import grpc
-from facegrid import tls
+from facegrid import diagnostics, tls
 from facegrid.config import Settings, load_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -129,6 +131,8 @@ class RunningService:
 class ServiceGroup:
     """Services started as child processes, stopped together in reverse order."""
 
+    _created: ClassVar[weakref.WeakSet[ServiceGroup]] = weakref.WeakSet()
+
     def __init__(
         self,
         overrides: list[str],
@@ -145,6 +149,16 @@ class ServiceGroup:
         self.settings = load_settings(overrides)
         self.log_dir = log_dir
         self.services: dict[str, RunningService] = {}
+        ServiceGroup._created.add(self)
+
+    @classmethod
+    def live(cls) -> list[ServiceGroup]:
+        """This process's groups with a service still running (what a failed test's
+        report asks for the stacks of)."""
+        return [group for group in list(cls._created) if group._running()]
+
+    def _running(self) -> dict[str, RunningService]:
+        return {n: s for n, s in self.services.items() if s.process.poll() is None}
 
     def start(
         self,
@@ -248,6 +262,27 @@ class ServiceGroup:
                 return service
         return None
 
+    def stacks(self, wait_s: float = 1.5) -> dict[str, str]:
+        """What each running instance is doing, by name: the stacks of its asyncio tasks
+        (SIGUSR1, facegrid.diagnostics), or of its threads where its event loop does not
+        answer (SIGUSR2), as the log lines it wrote in reply. Empty without a log_dir."""
+        if self.log_dir is None:
+            return {}
+        running = self._running()
+        logs = {name: self.log_dir / f"{name}.log" for name in running}
+        offsets = {name: log.stat().st_size if log.exists() else 0 for name, log in logs.items()}
+        for service in running.values():
+            service.process.send_signal(diagnostics.TASKS_SIGNAL)
+        time.sleep(wait_s)
+        replies = {name: _log_since(logs[name], offsets[name]) for name in running}
+        silent = [name for name, reply in replies.items() if "stacks on SIGUSR1" not in reply]
+        for name in silent:
+            running[name].process.send_signal(diagnostics.THREADS_SIGNAL)
+        if silent:
+            time.sleep(0.5)
+            replies.update({name: _log_since(logs[name], offsets[name]) for name in silent})
+        return replies
+
     def stop(self, report: bool = False) -> None:
         timeout_s = self.settings.server.grace_period_s + 5
         running = list(reversed(self.services.values()))
@@ -265,6 +300,27 @@ class ServiceGroup:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _log_since(log: Path, offset: int) -> str:
+    """What a service's log gained past ``offset``, its JSON lines made readable."""
+    with log.open("rb") as stream:
+        stream.seek(offset)
+        gained = stream.read().decode(errors="replace")
+    lines = []
+    for line in gained.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            lines.append(line)  # gRPC's C core, or faulthandler's stacks
+            continue
+        if not isinstance(entry, dict):
+            lines.append(line)
+            continue
+        lines.append(f"{entry.get('time', '')} {entry.get('level', '')} {entry.get('message', '')}")
+        if entry.get("exception"):
+            lines.append(str(entry["exception"]))
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -191,27 +190,20 @@ class PushFramesError(AssertionError):
         super().__init__(f"PushFrames ended {self.code.name}: {details}\n{stacks}")
 
 
-def stacks_of(s: IngestStack, instance: str, wait_s: float = 1.5) -> str:
-    """Ask a running service for its stacks (facegrid.diagnostics: SIGUSR1 for its
-    asyncio tasks, SIGUSR2 for its threads) and return what its log gained, after its
-    last 30 lines before the request."""
+def stacks_of(s: IngestStack, instance: str) -> str:
+    """The last 30 lines a running service logged, then what it is doing now (its
+    stacks: ServiceGroup.stacks)."""
     group = s.stack.group
-    service = group.services.get(instance)
-    if service is None or group.log_dir is None or service.process.poll() is not None:
-        return f"({instance} is not running: no stacks)"
-    log = group.log_dir / f"{instance}.log"
-    before = log.read_bytes()
-    service.process.send_signal(signal.SIGUSR1)
-    service.process.send_signal(signal.SIGUSR2)
-    time.sleep(wait_s)
-    gained = log.read_bytes()[len(before) :]
-    recent = before.decode(errors="replace").splitlines()[-30:]
+    if group.log_dir is None or instance not in group.services:
+        return f"({instance}: no log, no stacks)"
+    recent = (group.log_dir / f"{instance}.log").read_bytes().decode(errors="replace")
+    stacks = group.stacks().get(instance, f"({instance} is not running: no stacks)")
     return "\n".join(
         [
-            f"--- the last lines of {log.name}:",
-            *recent,
+            f"--- the last lines {instance} logged:",
+            *recent.splitlines()[-30:],
             "--- its stacks:",
-            gained.decode(errors="replace"),
+            stacks,
         ]
     )
 

@@ -421,6 +421,48 @@ def test_bad_pushed_frames_are_counted_and_the_stream_goes_on(
     release.set()
 
 
+def test_a_replica_asked_for_its_stacks_shows_where_an_open_stream_waits(
+    stack: IngestStack, watchlist: str
+) -> None:
+    """What an operator (or a failed test's report) gets from SIGUSR1: the line a
+    PushFrames call is waiting on while its camera sends nothing; the call goes on."""
+    s = stack
+    md = s.metadata()
+    name = s.ingest.CreateStreamProcessor(
+        I.CreateStreamProcessorRequest(
+            stream_processor_id="pushed-stacks",
+            stream_processor=_processor(
+                "collections/watchlist", I.VideoSource(source_id="door-3", push=I.PushSource())
+            ),
+        ),
+        metadata=md,
+        timeout=CALL_TIMEOUT_S,
+    ).stream_processor.name
+    s.ingest.StartStreamProcessor(I.StartStreamProcessorRequest(name=name), metadata=md, timeout=30)
+    release = threading.Event()
+
+    def held_open() -> Iterator[I.PushFramesRequest]:
+        yield I.PushFramesRequest(
+            stream_processor=name, source_id="door-3", frame=clip_jpegs(1)[0], sequence_number=1
+        )
+        release.wait(30)
+
+    call = s.ingest.PushFrames.future(held_open(), metadata=md, timeout=60)
+    try:
+        time.sleep(1.0)
+        stacks = s.stack.group.stacks()
+    finally:
+        release.set()
+    assert call.result(timeout=30).frames_received == 1
+    assert set(stacks) >= {"detection", "embedding", "search", "gateway", "ingest"}
+    assert all(" asyncio tasks\n" in dump for dump in stacks.values())
+    ingest = stacks["ingest"]
+    assert 'facegrid_ingest/app.py", line' in ingest
+    assert "in _push\n" in ingest
+    assert "done, _ = await asyncio.wait(" in ingest
+    assert "ingest-control: Replica._control_loop" in ingest
+
+
 def test_two_replicas_share_sources_and_take_over_a_killed_ones(
     stack: IngestStack, watchlist: str
 ) -> None:
