@@ -71,6 +71,14 @@ def _first_attribute(value: object, names: tuple[str, ...]) -> object:
     return next((getattr(value, name) for name in names if hasattr(value, name)), None)
 
 
+def install_early() -> None:
+    """At a service's start, before its event loop runs: SIGUSR2 already dumps the
+    threads, and SIGUSR1 is ignored until :func:`install_stack_dumps` takes it (its
+    default action would end the process)."""
+    signal.signal(TASKS_SIGNAL, signal.SIG_IGN)
+    faulthandler.register(THREADS_SIGNAL, file=sys.stderr, all_threads=True)
+
+
 def install_stack_dumps(loop: asyncio.AbstractEventLoop) -> None:
     """SIGUSR1: log the tasks' stacks; SIGUSR2: the threads' stacks on stderr."""
     loop.add_signal_handler(

@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import logging
 
+from facegrid import diagnostics
 from facegrid.config import load_settings
 from facegrid.logs import configure_logging
 from facegrid.metrics import serve_metrics
@@ -24,6 +25,7 @@ SERVICES = {
 
 def serve_one(service: str, overrides: list[str]) -> int:
     """Run one service in this process until SIGTERM/SIGINT; 0 after a clean stop."""
+    diagnostics.install_early()
     settings = load_settings(overrides)
     configure_logging(service, settings.server.log_level, settings.server.log_format)
     logging.getLogger("grpc._server").addFilter(_not_milvus_lite_probe)

@@ -57,3 +57,14 @@ def test_sigusr1_logs_the_stacks_and_the_service_goes_on(caplog: pytest.LogCaptu
         asyncio.run(main())
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("stacks on SIGUSR1:") and "stream-events" in m for m in messages)
+
+
+def test_before_the_loop_takes_it_sigusr1_is_ignored_not_fatal() -> None:
+    previous = signal.getsignal(diagnostics.TASKS_SIGNAL)
+    try:
+        diagnostics.install_early()
+        assert signal.getsignal(diagnostics.TASKS_SIGNAL) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGUSR1)  # would end this process by default
+    finally:
+        faulthandler.unregister(diagnostics.THREADS_SIGNAL)
+        signal.signal(diagnostics.TASKS_SIGNAL, previous)
