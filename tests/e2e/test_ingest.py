@@ -92,6 +92,33 @@ def _processor(collection: str, *sources: I.VideoSource, **fields: Any) -> SP:
     )
 
 
+def _create_push_processor(s: IngestStack, processor_id: str, source_id: str, **fields: Any) -> str:
+    """A stream processor on the watch-list with one push source (not started): its name."""
+    response = s.ingest.CreateStreamProcessor(
+        I.CreateStreamProcessorRequest(
+            stream_processor_id=processor_id,
+            stream_processor=_processor(
+                "collections/watchlist",
+                I.VideoSource(source_id=source_id, push=I.PushSource()),
+                **fields,
+            ),
+        ),
+        metadata=s.metadata(),
+        timeout=CALL_TIMEOUT_S,
+    )
+    return str(response.stream_processor.name)
+
+
+def _held_open(
+    name: str, source_id: str, frame: bytes, release: threading.Event
+) -> Iterator[I.PushFramesRequest]:
+    """A PushFrames stream that sends one frame, then nothing until ``release``."""
+    yield I.PushFramesRequest(
+        stream_processor=name, source_id=source_id, frame=frame, sequence_number=1
+    )
+    release.wait(30)
+
+
 def _file_source(source_id: str = "cam-1") -> I.VideoSource:
     return I.VideoSource(source_id=source_id, pull=I.PullSource(url=CLIP.resolve().as_uri()))
 
@@ -301,18 +328,9 @@ def test_pushed_frames_make_events_and_a_subscriber_resumes_from_its_cursor(
 ) -> None:
     s = stack
     md = s.metadata()
-    name = s.ingest.CreateStreamProcessor(
-        I.CreateStreamProcessorRequest(
-            stream_processor_id="pushed",
-            stream_processor=_processor(
-                "collections/watchlist",
-                I.VideoSource(source_id="door:1", push=I.PushSource()),
-                suppression_window=duration_pb2.Duration(seconds=0),
-            ),
-        ),
-        metadata=md,
-        timeout=CALL_TIMEOUT_S,
-    ).stream_processor.name
+    name = _create_push_processor(
+        s, "pushed", "door:1", suppression_window=duration_pb2.Duration(seconds=0)
+    )
     s.ingest.StartStreamProcessor(I.StartStreamProcessorRequest(name=name), metadata=md, timeout=30)
     frames = clip_jpegs()
     live: list[I.MatchEvent] = []
@@ -362,16 +380,7 @@ def test_bad_pushed_frames_are_counted_and_the_stream_goes_on(
 ) -> None:
     s = stack
     md = s.metadata()
-    name = s.ingest.CreateStreamProcessor(
-        I.CreateStreamProcessorRequest(
-            stream_processor_id="pushed-bad",
-            stream_processor=_processor(
-                "collections/watchlist", I.VideoSource(source_id="door-2", push=I.PushSource())
-            ),
-        ),
-        metadata=md,
-        timeout=CALL_TIMEOUT_S,
-    ).stream_processor.name
+    name = _create_push_processor(s, "pushed-bad", "door-2")
     frame = clip_jpegs(1)[0]
     stopped = I.PushFramesRequest(
         stream_processor=name, source_id="door-2", frame=frame, sequence_number=1
@@ -402,14 +411,9 @@ def test_bad_pushed_frames_are_counted_and_the_stream_goes_on(
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     # A second stream for the source replaces the first, which ends ABORTED.
     release = threading.Event()
-
-    def held_open() -> Iterator[I.PushFramesRequest]:
-        yield I.PushFramesRequest(
-            stream_processor=name, source_id="door-2", frame=frame, sequence_number=1
-        )
-        release.wait(30)
-
-    older = s.ingest.PushFrames.future(held_open(), metadata=md, timeout=60)
+    older = s.ingest.PushFrames.future(
+        _held_open(name, "door-2", frame, release), metadata=md, timeout=60
+    )
     time.sleep(1.5)
     newer = s.ingest.PushFrames(
         iter([I.PushFramesRequest(stream_processor=name, source_id="door-2", frame=frame)]),
@@ -428,26 +432,12 @@ def test_a_replica_asked_for_its_stacks_shows_where_an_open_stream_waits(
     PushFrames call is waiting on while its camera sends nothing; the call goes on."""
     s = stack
     md = s.metadata()
-    name = s.ingest.CreateStreamProcessor(
-        I.CreateStreamProcessorRequest(
-            stream_processor_id="pushed-stacks",
-            stream_processor=_processor(
-                "collections/watchlist", I.VideoSource(source_id="door-3", push=I.PushSource())
-            ),
-        ),
-        metadata=md,
-        timeout=CALL_TIMEOUT_S,
-    ).stream_processor.name
+    name = _create_push_processor(s, "pushed-stacks", "door-3")
     s.ingest.StartStreamProcessor(I.StartStreamProcessorRequest(name=name), metadata=md, timeout=30)
     release = threading.Event()
-
-    def held_open() -> Iterator[I.PushFramesRequest]:
-        yield I.PushFramesRequest(
-            stream_processor=name, source_id="door-3", frame=clip_jpegs(1)[0], sequence_number=1
-        )
-        release.wait(30)
-
-    call = s.ingest.PushFrames.future(held_open(), metadata=md, timeout=60)
+    call = s.ingest.PushFrames.future(
+        _held_open(name, "door-3", clip_jpegs(1)[0], release), metadata=md, timeout=60
+    )
     try:
         time.sleep(1.0)
         stacks = s.stack.group.stacks()
@@ -809,16 +799,7 @@ def test_a_push_stream_moved_to_another_replica_takes_the_source_over(
     stop = threading.Event()
     try:
         on_other = ingest_pb2_grpc.IngestServiceStub(channel)
-        name = s.ingest.CreateStreamProcessor(
-            I.CreateStreamProcessorRequest(
-                stream_processor_id="pushed-moving",
-                stream_processor=_processor(
-                    "collections/watchlist", I.VideoSource(source_id="gate", push=I.PushSource())
-                ),
-            ),
-            metadata=md,
-            timeout=CALL_TIMEOUT_S,
-        ).stream_processor.name
+        name = _create_push_processor(s, "pushed-moving", "gate")
         s.ingest.StartStreamProcessor(
             I.StartStreamProcessorRequest(name=name), metadata=md, timeout=30
         )
