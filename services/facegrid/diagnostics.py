@@ -80,8 +80,8 @@ def install_early() -> None:
 
 
 def install_stack_dumps(loop: asyncio.AbstractEventLoop) -> None:
-    """SIGUSR1: log the tasks' stacks; SIGUSR2: the threads' stacks on stderr."""
+    """SIGUSR1, once the service's loop runs: log the tasks' stacks (SIGUSR2 is
+    :func:`install_early`'s, from the process's start)."""
     loop.add_signal_handler(
         TASKS_SIGNAL, lambda: log.warning("stacks on SIGUSR1:\n%s", task_stacks(loop))
     )
-    faulthandler.register(THREADS_SIGNAL, file=sys.stderr, all_threads=True)

@@ -51,7 +51,6 @@ def test_sigusr1_logs_the_stacks_and_the_service_goes_on(caplog: pytest.LogCaptu
             await task
         finally:
             loop.remove_signal_handler(diagnostics.TASKS_SIGNAL)
-            faulthandler.unregister(diagnostics.THREADS_SIGNAL)
 
     with caplog.at_level(logging.WARNING, logger="facegrid.diagnostics"):
         asyncio.run(main())
