@@ -31,6 +31,7 @@ from facegrid.config import ServerSettings, Settings, TlsSettings
 from facegrid.errors import ServiceError, internal
 from facegrid.logs import log_rpc
 from facegrid.metrics import RPC_ERRORS, RPC_IN_FLIGHT, RPC_LATENCY, RPC_REQUESTS
+from facegrid.tasks import cancel_and_wait
 from facegrid.telemetry import grpc_server_interceptor
 
 log = logging.getLogger(__name__)
@@ -272,9 +273,7 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpc_
         try:
             await asyncio.wait((watch, closing), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (watch, closing):
-                task.cancel()
-            await asyncio.gather(watch, closing, return_exceptions=True)
+            await cancel_and_wait((watch, closing), what="health watch")
 
     def close_watches(self) -> None:
         """End every Watch stream (they have been told NOT_SERVING already)."""

@@ -18,6 +18,7 @@ import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 
+from facegrid.tasks import cancel_and_wait
 from facegrid.v1 import common_pb2, ingest_pb2
 from google.protobuf import timestamp_pb2
 from starlette.exceptions import HTTPException
@@ -177,8 +178,7 @@ async def _relay(
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if not following.done():  # stopping, or a silent stream
-                    following.cancel()
-                    await asyncio.gather(following, return_exceptions=True)
+                    await cancel_and_wait([following], what="match event read")
                     return
                 try:
                     reply = following.result()

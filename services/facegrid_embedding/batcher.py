@@ -10,13 +10,13 @@ slice. A full queue is refused at once with RESOURCE_EXHAUSTED rather than growi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from facegrid import errors
+from facegrid.tasks import cancel_and_wait
 from numpy.typing import NDArray
 from opentelemetry import context as otel_context
 
@@ -69,11 +69,8 @@ class MicroBatcher:
             self._worker = asyncio.create_task(self._work(), name="embedding-batcher")
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+        await cancel_and_wait([self._worker], what="embedding batcher")
+        self._worker = None
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():

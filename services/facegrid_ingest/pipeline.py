@@ -41,6 +41,7 @@ from facegrid import metrics, telemetry
 from facegrid.identification.deadline import Deadline
 from facegrid.identification.flow import Identifier
 from facegrid.identification.policy import ThresholdDecision
+from facegrid.tasks import cancel_and_wait
 from facegrid.v1 import common_pb2, ingest_pb2, resources_pb2
 from google.protobuf import timestamp_pb2
 from numpy.typing import NDArray
@@ -188,9 +189,7 @@ class FramePipeline:
         self._task.add_done_callback(_log_crash)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait([self._task], what="ingest batch loop")
 
     def offer(self, run: SourceRun, frame: SampledFrame) -> None:
         """Hand over a sampled frame; it replaces (and drops) one still waiting."""

@@ -27,6 +27,7 @@ from facegrid import metrics
 from facegrid.accountability import AuditDraft
 from facegrid.audit_log import AuditLog
 from facegrid.config import IngestSettings
+from facegrid.tasks import cancel_and_wait
 from facegrid.v1 import face_service_pb2, ingest_pb2
 from google.protobuf import timestamp_pb2
 
@@ -175,17 +176,8 @@ class Replica:
         """Hand every source over (release its lease) and stop."""
         self._stopping = True
         self._wake.set()
-        # A cancellation can be swallowed inside a NATS call (nats-py turns some into
-        # timeouts): cancel again until the loops are gone, and they stop on their own
-        # at their next round since _stopping is set.
-        pending = {task for task in self._tasks if not task.done()}
-        deadline = time.monotonic() + _STOP_WAIT_S
-        while pending and time.monotonic() < deadline:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=1.0)
-        if pending:
-            log.warning("%d replica tasks did not stop; exiting without them", len(pending))
+        # The loops also stop on their own at their next round, since _stopping is set.
+        await cancel_and_wait(self._tasks, _STOP_WAIT_S, "replica loops")
         for key in list(self.workers):
             await self._stop_worker(key)
         with contextlib.suppress(Exception):
@@ -362,9 +354,7 @@ class Replica:
         worker.run.closed = True
         if worker.reader is not None:
             worker.reader.stop()
-        if worker.task is not None:
-            worker.task.cancel()
-            await asyncio.gather(worker.task, return_exceptions=True)
+        await cancel_and_wait([worker.task], _STOP_WAIT_S, f"tasks of source {key}")
         for callback in worker.on_stop:
             callback()
         config = worker.run.config
@@ -406,16 +396,22 @@ class Replica:
         return worker, self.replica_id
 
     async def _renew_push(self, worker: SourceWorker) -> None:
-        while True:
+        # Ends when its stream closes (run.closed) even if the cancellation was lost.
+        while not worker.run.closed:
             await asyncio.sleep(self._push_leases.interval_s)
+            if worker.run.closed:
+                return
             renewed = await self._push_leases.renew(worker.key, worker.lease_revision)
+            if renewed is not None:
+                worker.lease_revision = renewed  # what close_push releases
+            if worker.run.closed:
+                return
             if renewed is None:
                 log.warning("lease of push source %s lost (its stream moved)", worker.key)
                 worker.run.closed = True
                 if worker.on_lost is not None:
                     worker.on_lost()
                 return
-            worker.lease_revision = renewed
 
     async def close_push(self, worker: SourceWorker) -> None:
         if self.workers.get(worker.key) is worker:
