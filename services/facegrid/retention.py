@@ -12,16 +12,18 @@ logged and tried again at the next interval; nothing is lost by waiting.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import grpc
 from google.protobuf import timestamp_pb2
 
 from facegrid.audit_log import AuditLog
+from facegrid.errors import ServiceError
+from facegrid.tasks import cancel_and_wait
 from facegrid.v1 import face_service_pb2
 
 log = logging.getLogger(__name__)
@@ -73,11 +75,8 @@ class RetentionSchedule:
         self._runner = asyncio.create_task(self._run(), name=f"retention-{self._task}")
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
-            self._runner = None
+        await cancel_and_wait([self._runner], what=f"retention-{self._task}")
+        self._runner = None
 
     async def _run(self) -> None:
         # The first sweep soon after start-up (a deployment down for a while catches up),
@@ -87,12 +86,22 @@ class RetentionSchedule:
             await asyncio.sleep(delay)
             try:
                 await self.run_once()
-            except Exception:
-                log.exception(
-                    "retention sweep %s failed; trying again in %.0f s",
-                    self._task,
-                    self._interval_s,
-                )
+            except Exception as error:
+                if isinstance(error, ServiceError) and error.code == grpc.StatusCode.UNAVAILABLE:
+                    # A service it needs is down or restarting (or this one is stopping):
+                    # nothing to debug, so no traceback.
+                    log.warning(
+                        "retention sweep %s could not run: %s; trying again in %.0f s",
+                        self._task,
+                        error.message,
+                        self._interval_s,
+                    )
+                else:
+                    log.exception(
+                        "retention sweep %s failed; trying again in %.0f s",
+                        self._task,
+                        self._interval_s,
+                    )
             delay = self._interval_s * random.uniform(0.9, 1.0)
 
     async def run_once(self) -> list[face_service_pb2.AuditRecord] | None:

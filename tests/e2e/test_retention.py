@@ -6,13 +6,16 @@ and across search replicas: tests/e2e/test_search_replicas.py.)"""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 from facegrid.audit_chain import verify_chain
 from facegrid.audit_log import AuditRecord, SqliteAuditLog
+from facegrid.errors import unavailable
 from facegrid.retention import EXPIRE_FACES, EXPIRE_MATCH_EVENTS, Removal, RetentionSchedule
 from facegrid_harness.nats_server import NatsServer
 from facegrid_ingest.app import EventExpiry
@@ -86,6 +89,40 @@ def test_a_failing_sweep_is_tried_again(tmp_path: Path) -> None:
     asyncio.run(body())
     assert len(calls) >= 2
     assert len(audit.rows()) >= 1
+    audit.close()
+
+
+def test_a_sweep_that_finds_a_service_down_says_so_without_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    audit = SqliteAuditLog(tmp_path / "audit.db")
+    calls: list[float] = []
+
+    async def sweep(now: float) -> Sequence[Removal]:
+        calls.append(now)
+        if len(calls) == 1:
+            raise unavailable("the search service is unavailable: backend unhealthy", "DOWN")
+        if len(calls) == 2:
+            raise RuntimeError("a bug")
+        return []
+
+    async def body() -> None:
+        schedule = RetentionSchedule("faces", audit, sweep, 0.05)
+        schedule.start()
+        deadline = time.monotonic() + 20
+        while len(calls) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await schedule.stop()
+
+    with caplog.at_level(logging.WARNING, logger="facegrid.retention"):
+        asyncio.run(body())
+    assert len(calls) >= 3  # tried again after each
+    down, bug = caplog.records[0], caplog.records[1]
+    assert down.levelno == logging.WARNING
+    assert down.exc_info is None
+    assert "could not run: the search service is unavailable" in down.getMessage()
+    assert bug.levelno == logging.ERROR
+    assert bug.exc_info is not None  # a bug keeps its traceback
     audit.close()
 
 
