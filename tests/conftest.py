@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from facegrid import diagnostics
 from facegrid.auth import ALL_SCOPES, bearer_metadata, create_token
 from facegrid.models.repository import TritonBackend
 from facegrid_harness.launcher import FACE_SERVICES, ServiceGroup, serve_command, wait_healthy
@@ -38,10 +39,42 @@ def pytest_runtest_makereport(
     of module and session fixtures): where each was waiting when the test gave up."""
     report = yield
     if report.when == "call" and report.failed:
+        waiting = []
         for group in ServiceGroup.live():
             for name, stacks in group.stacks().items():
                 report.sections.append((f"{name}: its stacks after the failure", stacks))
+                waiting += [f"{name}: {call}" for call in diagnostics.waiting_calls(stacks)]
+        if waiting:  # first, before the captured output: a truncated log keeps it
+            report.sections.insert(0, ("the calls the services still served", "\n".join(waiting)))
+            report.user_properties += [("waiting", line) for line in waiting]
     return report
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Each failed test in a few lines, near the end of the output (a CI log shown
+    truncated keeps its end): what it raised, and the calls its services still served."""
+    failed: list[pytest.TestReport] = terminalreporter.stats.get("failed", [])
+    if not failed:
+        return
+    terminalreporter.section("why the failed tests failed, in short", sep="-")
+    for report in failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = crash.message if crash is not None else str(report.longrepr)
+        terminalreporter.write_line(f"{report.nodeid}: {_first_lines(message)}")
+        waiting = [value for key, value in report.user_properties if key == "waiting"]
+        for line in waiting[:_MAX_WAITING]:
+            terminalreporter.write_line(f"    {line[:300]}")
+
+
+_MAX_WAITING = 6
+
+
+def _first_lines(message: str, count: int = 4) -> str:
+    """The start of a failure message on one line: its first lines, at most 600 chars."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    text = " | ".join(lines[:count])
+    return text if len(text) <= 600 else text[:597] + "..."
 
 
 def faces_dir() -> Path | None:

@@ -15,8 +15,10 @@ import gc
 import io
 import linecache
 import logging
+import re
 import signal
 import sys
+import sysconfig
 from types import FrameType
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ THREADS_SIGNAL = signal.SIGUSR2
 # A dump of thousands of tasks (one per open stream) stays readable.
 _MAX_TASKS = 200
 _MAX_FRAMES = 30
+_STDLIB = sysconfig.get_paths()["stdlib"] + "/"
 
 
 def task_stacks(loop: asyncio.AbstractEventLoop) -> str:
@@ -46,6 +49,23 @@ def task_stacks(loop: asyncio.AbstractEventLoop) -> str:
     if len(tasks) > _MAX_TASKS:
         out.write(f"... and {len(tasks) - _MAX_TASKS} more\n")
     return out.getvalue()
+
+
+def waiting_calls(dump: str) -> list[str]:
+    """From a :func:`task_stacks` dump, one line per task serving a call (a frame in a
+    method named like an RPC, ``PushFrames``): the call and the innermost line outside
+    the standard library it waits on. What a report of a hung call shows first."""
+    lines: list[str] = []
+    for block in dump.split("\n--- ")[1:]:
+        frames = re.findall(r'File "([^"]*)", line (\d+), in (\w+)\n(?:    (.*))?', block)
+        methods = [name for _, _, name, _ in frames if name[:1].isupper()]
+        if not methods:
+            continue
+        outside = [frame for frame in frames if not frame[0].startswith(_STDLIB)]
+        path, line, name, source = (outside or frames)[-1]
+        where = f"{name} ({path.rsplit('/', 1)[-1]}:{line})"
+        lines.append(f"{methods[0]} waits in {where}: {source.strip()}")
+    return lines
 
 
 def _awaiting(coroutine: object) -> list[FrameType]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import av
 import grpc
+from facegrid import diagnostics
 from facegrid.v1 import (
     common_pb2,
     face_service_pb2,
@@ -191,15 +192,19 @@ class PushFramesError(AssertionError):
 
 
 def stacks_of(s: IngestStack, instance: str) -> str:
-    """The last 30 lines a running service logged, then what it is doing now (its
-    stacks: ServiceGroup.stacks)."""
+    """What a running service is doing now: first the calls it serves and the line each
+    waits on (short, so that a truncated CI log still shows it), then the last 30 lines
+    it logged, then all its stacks (ServiceGroup.stacks)."""
     group = s.stack.group
     if group.log_dir is None or instance not in group.services:
         return f"({instance}: no log, no stacks)"
     recent = (group.log_dir / f"{instance}.log").read_bytes().decode(errors="replace")
     stacks = group.stacks().get(instance, f"({instance} is not running: no stacks)")
+    calls = diagnostics.waiting_calls(stacks) or ["(no call in its task stacks)"]
     return "\n".join(
         [
+            f"--- the calls {instance} serves, where each waits:",
+            *calls,
             f"--- the last lines {instance} logged:",
             *recent.splitlines()[-30:],
             "--- its stacks:",

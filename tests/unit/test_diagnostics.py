@@ -67,3 +67,26 @@ def test_before_the_loop_takes_it_sigusr1_is_ignored_not_fatal() -> None:
     finally:
         faulthandler.unregister(diagnostics.THREADS_SIGNAL)
         signal.signal(diagnostics.TASKS_SIGNAL, previous)
+
+
+class _Servicer:
+    async def PushFrames(self, event: asyncio.Event) -> None:  # noqa: N802
+        await _waits_for(event)
+
+
+def test_the_digest_names_each_call_and_the_line_it_waits_on() -> None:
+    async def main() -> str:
+        event = asyncio.Event()
+        call = asyncio.create_task(_Servicer().PushFrames(event))
+        loop_task = asyncio.create_task(_waits_for(event), name="status-loop")
+        await asyncio.sleep(0)
+        try:
+            return diagnostics.task_stacks(asyncio.get_running_loop())
+        finally:
+            event.set()
+            await asyncio.gather(call, loop_task)
+
+    calls = diagnostics.waiting_calls(asyncio.run(main()))
+    assert len(calls) == 1  # the call; not the background loop, nor main()
+    assert calls[0].startswith("PushFrames waits in _waits_for (test_diagnostics.py:")
+    assert calls[0].endswith(": await event.wait()")
