@@ -268,7 +268,9 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpc_
         request: health_pb2.HealthCheckRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        watch = asyncio.ensure_future(super().Watch(request, context))
+        watch = asyncio.create_task(
+            super().Watch(request, context), name="grpc.health.v1.Health/Watch"
+        )
         closing = asyncio.ensure_future(self._closing.wait())
         try:
             await asyncio.wait((watch, closing), return_when=asyncio.FIRST_COMPLETED)

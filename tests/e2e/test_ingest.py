@@ -26,6 +26,7 @@ import grpc
 import nats
 import nats.js.errors
 import pytest
+from facegrid import diagnostics
 from facegrid.audit_chain import verify_chain
 from facegrid.v1 import (
     common_pb2,
@@ -451,6 +452,9 @@ def test_a_replica_asked_for_its_stacks_shows_where_an_open_stream_waits(
     assert "in _push\n" in ingest
     assert "done, _ = await asyncio.wait(" in ingest
     assert "ingest-control: Replica._control_loop" in ingest
+    # What a failed test's report shows first: the call, and the line it waits on.
+    calls = diagnostics.waiting_calls(ingest)
+    assert any(c.startswith("PushFrames waits in _push (app.py:") for c in calls), calls
 
 
 def test_two_replicas_share_sources_and_take_over_a_killed_ones(
