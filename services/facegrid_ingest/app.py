@@ -453,7 +453,6 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
                         {reading, ended}, return_when=asyncio.FIRST_COMPLETED
                     )
                     if ended in done or worker.run.closed:
-                        reading.cancel()
                         await context.abort(
                             grpc.StatusCode.ABORTED,
                             "another PushFrames stream for this source (on this replica or "
@@ -462,14 +461,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
                     try:
                         message = reading.result()
                     except StopAsyncIteration:
-                        ended.cancel()
                         break
                     take(message)
                     reading = asyncio.ensure_future(anext(iterator))
             finally:
-                # A cancelled call (its deadline, the client gone) leaves the read
-                # pending: cancel it, or retrieve what it ended with (else asyncio logs
-                # "Task exception was never retrieved").
+                # Whatever ended the loop (the stream's end, an abort, the call cancelled
+                # by its deadline or a client gone) leaves a future pending: cancel it,
+                # or retrieve what it ended with (else asyncio logs "Task exception was
+                # never retrieved").
                 for future in (reading, ended):
                     if not future.cancel() and not future.cancelled():
                         future.exception()

@@ -397,7 +397,7 @@ class Replica:
 
     async def _renew_push(self, worker: SourceWorker) -> None:
         # Ends when its stream closes (run.closed) even if the cancellation was lost.
-        while not worker.run.closed:
+        while True:
             await asyncio.sleep(self._push_leases.interval_s)
             if worker.run.closed:
                 return
