@@ -68,6 +68,19 @@ def _all(log: SqliteAuditLog) -> list[AuditRecord]:
     return [AuditRecord.FromString(bytes(row[8])) for row in log.rows()]  # type: ignore[call-overload]
 
 
+def _sweep_until(schedule: RetentionSchedule, calls: list[float], count: int) -> None:
+    """Run ``schedule`` until its sweep has been called ``count`` times (20 s at most)."""
+
+    async def body() -> None:
+        schedule.start()
+        deadline = time.monotonic() + 20
+        while len(calls) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await schedule.stop()
+
+    asyncio.run(body())
+
+
 def test_a_failing_sweep_is_tried_again(tmp_path: Path) -> None:
     audit = SqliteAuditLog(tmp_path / "audit.db")
     calls: list[float] = []
@@ -78,15 +91,7 @@ def test_a_failing_sweep_is_tried_again(tmp_path: Path) -> None:
             raise RuntimeError("search is unreachable")
         return [Removal(EXPIRE_FACES, "collections/a", "", 1, now)]
 
-    async def body() -> None:
-        schedule = RetentionSchedule("faces", audit, sweep, 0.05)
-        schedule.start()
-        deadline = time.monotonic() + 20
-        while len(calls) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        await schedule.stop()
-
-    asyncio.run(body())
+    _sweep_until(RetentionSchedule("faces", audit, sweep, 0.05), calls, 2)
     assert len(calls) >= 2
     assert len(audit.rows()) >= 1
     audit.close()
@@ -106,16 +111,8 @@ def test_a_sweep_that_finds_a_service_down_says_so_without_a_traceback(
             raise RuntimeError("a bug")
         return []
 
-    async def body() -> None:
-        schedule = RetentionSchedule("faces", audit, sweep, 0.05)
-        schedule.start()
-        deadline = time.monotonic() + 20
-        while len(calls) < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        await schedule.stop()
-
     with caplog.at_level(logging.WARNING, logger="facegrid.retention"):
-        asyncio.run(body())
+        _sweep_until(RetentionSchedule("faces", audit, sweep, 0.05), calls, 3)
     assert len(calls) >= 3  # tried again after each
     down, bug = caplog.records[0], caplog.records[1]
     assert down.levelno == logging.WARNING

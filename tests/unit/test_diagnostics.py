@@ -8,6 +8,8 @@ import faulthandler
 import logging
 import os
 import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 from facegrid import diagnostics
@@ -17,18 +19,28 @@ async def _waits_for(event: asyncio.Event) -> None:
     await event.wait()
 
 
-def test_the_tasks_stacks_name_each_task_and_where_it_waits() -> None:
+WaitsFor = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def _stacks_while_waiting(*waiting: tuple[str | None, WaitsFor]) -> str:
+    """The dump taken while a task (named, or not) for each ``waiting`` coroutine
+    function waits on one event; the event is then set and the tasks end."""
+
     async def main() -> str:
         event = asyncio.Event()
-        task = asyncio.create_task(_waits_for(event), name="push-gate-1")
+        tasks = [asyncio.create_task(waits(event), name=name) for name, waits in waiting]
         await asyncio.sleep(0)
         try:
             return diagnostics.task_stacks(asyncio.get_running_loop())
         finally:
             event.set()
-            await task
+            await asyncio.gather(*tasks)
 
-    dump = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_the_tasks_stacks_name_each_task_and_where_it_waits() -> None:
+    dump = _stacks_while_waiting(("push-gate-1", _waits_for))
     assert "--- push-gate-1: _waits_for" in dump
     assert "await event.wait()" in dump  # the line it waits on
     assert dump.startswith("2 asyncio tasks")  # main() and the waiting one
@@ -75,18 +87,8 @@ class _Servicer:
 
 
 def test_the_digest_names_each_call_and_the_line_it_waits_on() -> None:
-    async def main() -> str:
-        event = asyncio.Event()
-        call = asyncio.create_task(_Servicer().PushFrames(event))
-        loop_task = asyncio.create_task(_waits_for(event), name="status-loop")
-        await asyncio.sleep(0)
-        try:
-            return diagnostics.task_stacks(asyncio.get_running_loop())
-        finally:
-            event.set()
-            await asyncio.gather(call, loop_task)
-
-    calls = diagnostics.waiting_calls(asyncio.run(main()))
+    dump = _stacks_while_waiting((None, _Servicer().PushFrames), ("status-loop", _waits_for))
+    calls = diagnostics.waiting_calls(dump)
     assert len(calls) == 1  # the call; not the background loop, nor main()
     assert calls[0].startswith("PushFrames waits in _waits_for (test_diagnostics.py:")
     assert calls[0].endswith(": await event.wait()")
